@@ -1,0 +1,30 @@
+"""Attention variants for timm ViTs; every module here registers itself by name on import."""
+
+from .base import AttentionBase, AttentionConfigError
+from .registry import (
+    ATTENTION_VARIANTS,
+    attention_layer,
+    check_attention,
+    get_attention_class,
+    register_attention,
+    variant_hparams,
+)
+from .softmax import SoftmaxAttention, softmax_attention
+
+register_attention("softmax")(SoftmaxAttention)
+
+# Efficient variants (each module calls register_attention on import).
+# attention-zoo: import linformer, performer, nystrom, atrous_linear here.
+
+__all__ = [
+    "ATTENTION_VARIANTS",
+    "AttentionBase",
+    "AttentionConfigError",
+    "SoftmaxAttention",
+    "attention_layer",
+    "check_attention",
+    "get_attention_class",
+    "register_attention",
+    "softmax_attention",
+    "variant_hparams",
+]

@@ -1,0 +1,136 @@
+"""The shared shell of every attention variant.
+
+`AttentionBase` owns exactly the submodules of `timm.layers.Attention` (``qkv``, ``q_norm``,
+``k_norm``, ``attn_drop``, ``norm``, ``proj``, ``proj_drop``) with the same names and shapes, so a
+pretrained softmax ViT's weights load by key. A variant only overrides `attend(q, k, v)`, which maps
+``q, k, v: [B, H, N, D]`` to ``[B, H, N, D]`` by calling the variant's pure function.
+
+Geometry: the first ``num_prefix_tokens`` tokens are CLS/register tokens; the rest form the patch grid
+``grid_size = (Hp, Wp)``. `build_vit` passes both at construction, so variants that need the grid can
+validate their hyperparameters against it (rank vs. token count, dilation vs. grid).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+
+class AttentionConfigError(ValueError):
+    """A variant hyperparameter is out of range; the message names the value and what is allowed."""
+
+
+class AttentionBase(nn.Module):
+    """Multi-head self-attention with timm's `Attention` parameters and a pluggable `attend`.
+
+    Args:
+        dim: token embedding width C.
+        num_heads: number of heads H; head width D = C // H unless `attn_head_dim` is given.
+        attn_head_dim: explicit head width D.
+        dim_out: output width (default C).
+        qkv_bias: bias in the fused qkv projection.
+        qk_norm: normalise q and k per head with `norm_layer`.
+        scale_norm: normalise the attention output before `proj`.
+        proj_bias: bias in the output projection.
+        attn_drop: dropout on attention weights (variants apply it where weights exist).
+        proj_drop: dropout after `proj`.
+        norm_layer: constructor for qk/scale norms.
+        grid_size: (Hp, Wp) patch grid; required by variants with `needs_grid`.
+        num_prefix_tokens: CLS + register tokens in front of the patch tokens.
+    """
+
+    # Names of the variant's own constructor hyperparameters (the config keys that reach it).
+    hparams: ClassVar[Tuple[str, ...]] = ()
+    # Variants that read the patch geometry refuse to build without `grid_size`.
+    needs_grid: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        attn_head_dim: Optional[int] = None,
+        dim_out: Optional[int] = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: Optional[Type[nn.Module]] = None,
+        *,
+        grid_size: Optional[Tuple[int, int]] = None,
+        num_prefix_tokens: int = 1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        dim_out = dim_out or dim
+        head_dim = attn_head_dim
+        if head_dim is None:
+            if dim % num_heads:
+                raise AttentionConfigError(f"dim={dim} is not divisible by num_heads={num_heads}")
+            head_dim = dim // num_heads
+        if (qk_norm or scale_norm) and norm_layer is None:
+            raise AttentionConfigError("norm_layer must be given when qk_norm or scale_norm is set")
+        if self.needs_grid and grid_size is None:
+            raise AttentionConfigError(
+                f"{type(self).__name__} needs the patch grid: build it through finetune.models.build_vit "
+                "or pass grid_size=(Hp, Wp)"
+            )
+        if num_prefix_tokens < 0:
+            raise AttentionConfigError(f"num_prefix_tokens={num_prefix_tokens} must be >= 0")
+
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.attn_dim = num_heads * head_dim
+        self.scale = head_dim**-0.5
+        self.grid_size = tuple(grid_size) if grid_size is not None else None
+        self.num_prefix_tokens = num_prefix_tokens
+
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @property
+    def num_tokens(self) -> Optional[int]:
+        """N = prefix tokens + Hp * Wp, when the grid is known."""
+        if self.grid_size is None:
+            return None
+        return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v: [B, H, N, D] -> [B, H, N, D]. Overridden by every variant."""
+        raise NotImplementedError(f"{type(self).__name__} must implement attend()")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError(f"{type(self).__name__} does not support attn_mask / is_causal (ViT encoders use none)")
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = self.attend(q, k, v)  # (B, H, N, D)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)  # (B, N, H*D)
+        x = self.norm(x)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+    def extra_repr(self) -> str:
+        parts = [f"heads={self.num_heads}", f"head_dim={self.head_dim}"]
+        if self.grid_size is not None:
+            parts.append(f"grid={self.grid_size[0]}x{self.grid_size[1]}+{self.num_prefix_tokens}")
+        parts += [f"{name}={getattr(self, name)!r}" for name in self.hparams if hasattr(self, name)]
+        return ", ".join(parts)
