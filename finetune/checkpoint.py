@@ -1,0 +1,145 @@
+"""Training checkpoints: everything needed to continue a run exactly.
+
+A checkpoint directory holds ``model.safetensors`` (weights), ``training_state.pt`` (optimizer,
+scheduler, grad scaler, RNG states, counters, history; plain tensors and containers, read back with
+``torch.load(weights_only=True)`` so no code can run) and ``meta.json``, written last, with both
+files' checksums. Each file is written atomically; a directory without a valid ``meta.json`` is not a
+checkpoint. On CPU a run resumed from epoch k gives the same metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+from .callbacks import TrainState
+from .io_utils import atomic_path, sha256_file, write_json
+
+FORMAT = "vitsweep-checkpoint"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "training_state.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete, corrupt or from a different run."""
+
+
+def rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss},
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+def save_checkpoint(state: TrainState, directory: str | Path) -> Path:
+    """Write `state` into `directory` (created if needed); returns the directory."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in state.model.state_dict().items()}
+    with atomic_path(directory / MODEL_FILE) as tmp:
+        save_file(weights, tmp)
+    training = {
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "rng": rng_state(),
+        "epoch": state.epoch,
+        "global_step": state.global_step,
+    }
+    with atomic_path(directory / STATE_FILE) as tmp:
+        torch.save(training, tmp)
+    write_json(
+        directory / META_FILE,
+        {
+            "format": FORMAT,
+            "epoch": state.epoch,
+            "global_step": state.global_step,
+            "config": state.config,
+            "history": state.history,
+            "static_metrics": state.static_metrics,
+            "sha256": {MODEL_FILE: sha256_file(directory / MODEL_FILE), STATE_FILE: sha256_file(directory / STATE_FILE)},
+        },
+    )
+    return directory
+
+
+def read_checkpoint(directory: str | Path) -> Dict[str, Any]:
+    """Load and verify a checkpoint; returns {"model": state_dict, "training": {...}, "meta": {...}}."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{str(directory)!r} is not a vitsweep checkpoint: {META_FILE} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {str(meta_path)!r} is corrupt: {err}") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(directory)!r} is not a vitsweep checkpoint (format={meta.get('format')!r})")
+    for name, digest in meta.get("sha256", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: {name} is missing")
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or truncated (checksum mismatch)")
+    try:
+        model_state = load_file(str(directory / MODEL_FILE), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"checkpoint weights {str(directory / MODEL_FILE)!r} are unreadable: {err}") from err
+    try:
+        training = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise CheckpointError(
+            f"checkpoint state {str(directory / STATE_FILE)!r} is unreadable or holds non-tensor objects: "
+            f"{str(err).splitlines()[0]}"
+        ) from err
+    return {"model": model_state, "training": training, "meta": meta}
+
+
+def restore_checkpoint(state: TrainState, checkpoint: Dict[str, Any]) -> None:
+    """Load a `read_checkpoint` result into a freshly built `state` (same config)."""
+    training = checkpoint["training"]
+    meta = checkpoint["meta"]
+    try:
+        state.model.load_state_dict(checkpoint["model"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint weights do not fit this model (was it written by another config?): {err}") from err
+    state.optimizer.load_state_dict(training["optimizer"])
+    if state.scheduler is not None and training.get("scheduler") is not None:
+        state.scheduler.load_state_dict(training["scheduler"])
+    if state.scaler is not None and training.get("scaler") is not None:
+        state.scaler.load_state_dict(training["scaler"])
+    set_rng_state(training["rng"])
+    state.epoch = int(training["epoch"])
+    state.global_step = int(training["global_step"])
+    state.history = list(meta.get("history", []))

@@ -1,0 +1,226 @@
+"""Metrics with the names fixed in DESIGN.md: accuracy, parameter counts, FLOPs, memory, throughput.
+
+Cost counters: `torch.utils.flop_counter.FlopCounterMode` (FLOPs; a multiply-add counts 2) and fvcore
+(MACs). Neither counts the CPU SDPA kernel, so counting switches timm's `fused_attn` off and runs the
+readable path, which has the same math.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+_logger = logging.getLogger(__name__)
+
+NOT_AVAILABLE = None  # memory metrics on CPU: reported as "not available", never 0
+
+
+class MetricError(ValueError):
+    """A metric request that cannot be satisfied (e.g. top-k larger than the class count)."""
+
+
+# ----------------------------------------------------------------------------- accuracy
+def check_topk(topk: Sequence[int], num_classes: int) -> None:
+    bad = [k for k in topk if k > num_classes]
+    if bad:
+        raise MetricError(f"topk={list(topk)}: k={bad[0]} is larger than the {num_classes} classes; allowed: 1..{num_classes}")
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, topk: Sequence[int]) -> torch.Tensor:
+    """Correct predictions per k, on the logits' device (no host sync). logits: [B, K], target: [B]."""
+    maxk = max(topk)
+    pred = logits.topk(maxk, dim=1).indices  # (B, maxk)
+    hit = pred.eq(target.unsqueeze(1))  # (B, maxk)
+    return torch.stack([hit[:, :k].any(dim=1).sum() for k in topk])  # (len(topk),)
+
+
+def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1, 5)) -> Dict[int, float]:
+    """Top-k accuracy in [0, 1] for each k."""
+    check_topk(topk, logits.shape[1])
+    correct = topk_correct(logits, target, topk).tolist()
+    return {k: c / max(1, target.numel()) for k, c in zip(topk, correct)}
+
+
+# ----------------------------------------------------------------------------- cost
+def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
+    total = sum(p.numel() for _, p in model.named_parameters())
+    trainable = sum(p.numel() for _, p in model.named_parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+@contextlib.contextmanager
+def _readable_attention(model: torch.nn.Module):
+    flags = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    for m, _ in flags:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, old in flags:
+            m.fused_attn = old
+
+
+def _example_input(model: torch.nn.Module, img_size: Sequence[int]) -> torch.Tensor:
+    param = next(model.parameters())
+    return torch.zeros(1, 3, *img_size, device=param.device, dtype=param.dtype)
+
+
+def count_flops(model: torch.nn.Module, img_size: Sequence[int]) -> int:
+    """Forward FLOPs for one image (FlopCounterMode; 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with _readable_attention(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(_example_input(model, img_size))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def count_macs_fvcore(model: torch.nn.Module, img_size: Sequence[int]) -> Optional[int]:
+    """Forward MACs for one image by fvcore's jit-traced counter; None where fvcore is not installed."""
+    try:
+        from fvcore.nn import FlopCountAnalysis
+    except ImportError:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with _readable_attention(model), torch.no_grad():
+            analysis = FlopCountAnalysis(model, _example_input(model, img_size))
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            total = analysis.total()
+    finally:
+        model.train(was_training)
+    return int(total)
+
+
+def cost_metrics(model: torch.nn.Module, img_size: Sequence[int]) -> Dict[str, Optional[float]]:
+    """``cost/params``, ``cost/gflops`` (torch counter) and ``cost/gmacs`` (fvcore, if installed)."""
+    params = count_parameters(model)
+    flops = count_flops(model, img_size)
+    macs = count_macs_fvcore(model, img_size)
+    return {
+        "cost/params": params["total"],
+        "cost/trainable_params": params["trainable"],
+        "cost/gflops": flops / 1e9,
+        "cost/gmacs": macs / 1e9 if macs is not None else flops / 2e9,
+        "cost/gmacs_source": "fvcore" if macs is not None else "flop_counter/2",
+    }
+
+
+# ----------------------------------------------------------------------------- memory
+def _nvml_process_used_mb(device: torch.device) -> Optional[float]:
+    """This process's memory on `device` as the driver sees it (includes the CUDA context)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        pid = os.getpid()
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == pid and proc.usedGpuMemory is not None:
+                return proc.usedGpuMemory / 2**20
+        return None
+    except pynvml.NVMLError as err:
+        _logger.debug("NVML unavailable: %s", err)
+        return None
+
+
+class MemoryTracker:
+    """Peak device memory over a block: ``with MemoryTracker(device) as mem: ...; mem.metrics()``.
+
+    torch's ``max_memory_allocated`` / ``max_memory_reserved`` after ``reset_peak_memory_stats``, and
+    NVML's per-process usage. On a device without these counters every value is None ("not available").
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.peak_allocated_mb: Optional[float] = NOT_AVAILABLE
+        self.peak_reserved_mb: Optional[float] = NOT_AVAILABLE
+        self.nvml_mb: Optional[float] = NOT_AVAILABLE
+
+    @property
+    def available(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_available()
+
+    def __enter__(self) -> "MemoryTracker":
+        if self.available:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.available:
+            self.peak_allocated_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.peak_reserved_mb = torch.cuda.max_memory_reserved(self.device) / 2**20
+            self.nvml_mb = _nvml_process_used_mb(self.device)
+
+    def metrics(self) -> Dict[str, Optional[float]]:
+        return {
+            "memory/peak_allocated_mb": self.peak_allocated_mb,
+            "memory/peak_reserved_mb": self.peak_reserved_mb,
+            "memory/peak_nvml_mb": self.nvml_mb,
+        }
+
+
+def track_memory(device: torch.device):
+    """Decorator form of `MemoryTracker`: the wrapped function's result is ``(result, memory_metrics)``."""
+
+    def wrap(fn):
+        def inner(*args, **kwargs):
+            with MemoryTracker(device) as mem:
+                out = fn(*args, **kwargs)
+            return out, mem.metrics()
+
+        inner.__name__ = fn.__name__
+        inner.__doc__ = fn.__doc__
+        return inner
+
+    return wrap
+
+
+# ----------------------------------------------------------------------------- throughput
+class Throughput:
+    """Images per second over a block; synchronises CUDA at both ends so the time is real."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.images = 0
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> "Throughput":
+        self._sync()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self._start
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def summarize(values: Iterable[float]) -> Dict[str, float]:
+    vals: List[float] = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+    return {"mean": mean, "std": var**0.5, "n": len(vals)}
