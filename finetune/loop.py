@@ -1,0 +1,279 @@
+"""The reusable fine-tuning loop: ``fit(model, train_loader, val_loader, cfg, callbacks)``.
+
+Reads top to bottom: optimiser and schedule from timm, then per epoch: train (forward, backward, step,
+schedule), evaluate, collect metrics, hand them to the callbacks (Ray reporting, checkpointing,
+TensorBoard are callbacks, not flags). Loss and accuracy accumulate on the device; the host syncs once
+per log interval and once per epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from tqdm.auto import tqdm
+
+from .callbacks import Callback, TrainState
+from .config import ConfigError, TrainConfig
+from .metrics import MemoryTracker, Throughput, topk_correct
+
+_logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- setup helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; allowed: auto, cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device):
+    """(autocast dtype or None, use GradScaler). bf16 needs hardware support; fp16 needs CUDA."""
+    if precision == "fp32":
+        return None, False
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"precision='bf16' but {torch.cuda.get_device_name(device)} has no bf16; allowed: fp32, fp16")
+        return torch.bfloat16, False
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(f"precision='fp16' needs a CUDA device (device is {device}); allowed here: fp32, bf16")
+        return torch.float16, True
+    raise ConfigError(f"precision={precision!r}; allowed: fp32, bf16, fp16")
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW through timm's factory: no weight decay on norms/biases/embeddings, optional layer decay."""
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return create_optimizer_v2(
+        model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay, **extra
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int) -> CosineLRScheduler:
+    """Linear warmup then cosine decay, stepped per update (timm's scheduler)."""
+    total = max(1, cfg.epochs * updates_per_epoch)
+    warmup = int(round(cfg.warmup_epochs * updates_per_epoch))
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=total,
+        lr_min=cfg.min_lr,
+        warmup_t=min(warmup, total - 1),
+        warmup_lr_init=cfg.lr * 1e-3,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
+def build_mixup(cfg: TrainConfig, num_classes: int) -> Optional[Mixup]:
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
+def _reseed_loader(loader: Iterable, seed: int, epoch: int) -> None:
+    """Shuffle order (and worker seeds) depend only on (seed, epoch): resumed runs see the same batches."""
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed * 100003 + epoch)
+
+
+def _current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    topk: Sequence[int],
+    autocast_dtype: Optional[torch.dtype] = None,
+    max_batches: Optional[int] = None,
+) -> Dict[str, float]:
+    """``val/loss`` and ``val/acc{k}`` (fractions in [0, 1]) plus ``throughput/eval_img_s``."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros(len(topk), device=device, dtype=torch.long)
+    timer = Throughput(device)
+    seen = 0
+    with timer:
+        for i, (images, target) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            with _autocast(device, autocast_dtype):
+                logits = model(images)  # (B, classes)
+            loss_sum += criterion(logits.float(), target)
+            correct += topk_correct(logits, target, topk)
+            seen += target.shape[0]
+    timer.images = seen
+    if seen == 0:
+        raise ConfigError("the validation set produced no batches; check --data and --max-val-batches")
+    out = {"val/loss": loss_sum.item() / seen}
+    for k, c in zip(topk, correct.tolist()):
+        out[f"val/acc{k}"] = c / seen
+    out["throughput/eval_img_s"] = timer.images_per_second
+    return out
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- the loop
+def fit(
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    cfg: TrainConfig,
+    callbacks: Sequence[Callback] = (),
+    *,
+    num_classes: int,
+    device: Optional[torch.device] = None,
+    resume: Optional[Dict[str, Any]] = None,
+    static_metrics: Optional[Dict[str, Any]] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Fine-tune `model` for ``cfg.epochs`` epochs; returns ``{"status", "metrics", "history"}``.
+
+    `resume` is a `finetune.checkpoint.read_checkpoint` result: weights, optimizer, scheduler, scaler,
+    RNG state and counters are restored and training continues at the next epoch. `static_metrics`
+    (params, FLOPs) are merged into every epoch's metrics. A non-finite training loss stops the run
+    with status ``diverged`` (reported as a metric, not raised).
+    """
+    from .checkpoint import restore_checkpoint
+
+    device = device or resolve_device(cfg.device)
+    autocast_dtype, use_scaler = resolve_precision(cfg.precision, device)
+    model.to(device)
+    forward_model = torch.compile(model) if cfg.compile else model
+
+    updates_per_epoch = len(train_loader) if cfg.max_train_batches is None else min(len(train_loader), cfg.max_train_batches)
+    if updates_per_epoch == 0:
+        raise ConfigError(f"the training set gives no batch of batch_size={cfg.batch_size}; lower --batch-size")
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    mixup = build_mixup(cfg, num_classes)
+    criterion: nn.Module = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    state = TrainState(model, optimizer, scheduler, scaler, cfg.to_dict(), static_metrics=dict(static_metrics or {}))
+    if resume is not None:
+        restore_checkpoint(state, resume)
+    else:
+        seed_everything(cfg.seed)
+    for cb in callbacks:
+        cb.on_fit_start(state)
+
+    status = "finished" if state.epoch >= cfg.epochs else "running"
+    while state.epoch < cfg.epochs and not state.should_stop:
+        epoch = state.epoch
+        _reseed_loader(train_loader, cfg.seed, epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        seen = 0
+        diverged = False
+        epoch_start = time.perf_counter()
+        bar = tqdm(total=updates_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        with MemoryTracker(device) as memory:
+            with Throughput(device) as train_timer:
+                for i, (images, target) in enumerate(train_loader):
+                    if i >= updates_per_epoch:
+                        break
+                    images = images.to(device, non_blocking=True)  # (B, 3, H, W)
+                    target = target.to(device, non_blocking=True)  # (B,)
+                    soft_target = target
+                    if mixup is not None and images.shape[0] % 2 == 0:
+                        images, soft_target = mixup(images, target)  # soft_target: (B, classes)
+                    elif mixup is not None:
+                        soft_target = nn.functional.one_hot(target, num_classes).float()
+                    with _autocast(device, autocast_dtype):
+                        logits = forward_model(images)  # (B, classes)
+                        loss = criterion(logits.float(), soft_target)
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        loss.backward()
+                    if cfg.clip_grad is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    state.global_step += 1
+                    scheduler.step_update(num_updates=state.global_step)
+                    loss_sum += loss.detach() * images.shape[0]
+                    seen += images.shape[0]
+                    for cb in callbacks:
+                        cb.on_train_batch_end(state, i)
+                    if (i + 1) % cfg.log_interval == 0 or i + 1 == updates_per_epoch:
+                        running = loss_sum.item() / seen  # one host sync per log interval
+                        bar.set_postfix(loss=f"{running:.4f}", lr=f"{_current_lr(optimizer):.2e}")
+                        if not math.isfinite(running):
+                            diverged = True
+                            break
+                    bar.update(1)
+            train_timer.images = seen
+            bar.close()
+            metrics: Dict[str, Any] = {"epoch": epoch + 1, "train/loss": loss_sum.item() / max(1, seen)}
+            if diverged or not math.isfinite(metrics["train/loss"]):
+                # A diverged model's predictions are meaningless: report zero accuracy so that no
+                # scheduler or report ranks it best, and say why in `status`.
+                metrics.update({"val/loss": float("nan"), **{f"val/acc{k}": 0.0 for k in cfg.topk}})
+                metrics["throughput/eval_img_s"] = 0.0
+                diverged = True
+            else:
+                metrics.update(evaluate(forward_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches))
+        state.epoch = epoch + 1
+        metrics.update(
+            {
+                "lr": _current_lr(optimizer),
+                "throughput/train_img_s": train_timer.images_per_second,
+                "time/epoch_s": time.perf_counter() - epoch_start,
+                **memory.metrics(),
+                **state.static_metrics,
+            }
+        )
+        if diverged:
+            state.should_stop, state.stop_reason = True, "diverged"
+        status = "diverged" if diverged else ("finished" if state.epoch >= cfg.epochs else "running")
+        metrics["status"] = status
+        state.history.append(metrics)
+        for cb in callbacks:
+            cb.on_epoch_end(state, metrics)
+        _logger.info("epoch %d: %s", state.epoch, {k: v for k, v in metrics.items() if not k.startswith("cost/")})
+    if state.should_stop and status == "running":
+        status = state.stop_reason or "stopped"
+    result = {"status": status, "metrics": state.history[-1] if state.history else {}, "history": state.history}
+    for cb in callbacks:
+        cb.on_fit_end(state, result)
+    return result

@@ -1,0 +1,217 @@
+"""One complete fine-tuning run from a `TrainConfig`: validate, build data and model, `fit`, write outputs.
+
+`check_config` runs every check that needs neither data nor training (the sweep driver calls it for
+each configuration before Ray starts); `run_training` is what `vitsweep train` and the Ray trainable
+call. Outputs under ``out_dir`` (DESIGN.md): result.json, weights.safetensors + weights.json, tb/,
+preprocessing.json, and checkpoint/ (latest epoch, for ``vitsweep train --resume``).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import timm
+import torch
+
+from .callbacks import Callback, TrainState
+from .config import ConfigError, TrainConfig
+from .io_utils import write_json
+from .loop import fit, resolve_device, resolve_precision, seed_everything
+from .metrics import MetricError, check_topk, cost_metrics
+from .models import build_vit, vit_geometry
+from .models.attention import AttentionConfigError, check_attention
+
+_logger = logging.getLogger(__name__)
+
+
+def check_config(cfg: TrainConfig) -> Dict[str, Any]:
+    """Validate model, geometry, attention hyperparameters, data spec, device and weights path.
+
+    Returns the geometry: grid, num_prefix_tokens, num_tokens, embed_dim, num_heads.
+    """
+    from .data import check_data_spec
+
+    cfg.validate()
+    grid, prefix, dim, heads = vit_geometry(cfg.model, cfg.img_size, cfg.patch_size)
+    try:
+        check_attention(cfg.variant, dim=dim, num_heads=heads, grid_size=grid, num_prefix_tokens=prefix, **cfg.attention_hparams())
+    except AttentionConfigError as err:
+        raise ConfigError(f"{err} (model {cfg.model}, grid {grid[0]}x{grid[1]}, {prefix + grid[0] * grid[1]} tokens)") from err
+    check_data_spec(cfg.data)
+    resolve_precision(cfg.precision, resolve_device(cfg.device))
+    if cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise ConfigError(f"weights={cfg.weights!r} does not exist")
+    return {
+        "grid": list(grid),
+        "num_prefix_tokens": prefix,
+        "num_tokens": prefix + grid[0] * grid[1],
+        "embed_dim": dim,
+        "num_heads": heads,
+    }
+
+
+def _preprocessing_model(cfg: TrainConfig) -> torch.nn.Module:
+    """A weightless (meta) model whose pretrained_cfg carries the checkpoint's preprocessing."""
+    name = f"{cfg.model}.{cfg.pretrained_tag}" if cfg.pretrained_tag else cfg.model
+    kwargs = {k: v for k, v in (("img_size", cfg.img_size), ("patch_size", cfg.patch_size)) if v is not None}
+    with torch.device("meta"):
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        except RuntimeError as err:  # unknown tag
+            raise ConfigError(f"pretrained_tag={cfg.pretrained_tag!r} is not a tag of {cfg.model}: {err}") from err
+
+
+class TensorBoardCallback(Callback):
+    """Scalars every epoch, hparams with the final metrics at the end."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def on_epoch_end(self, state: TrainState, metrics: Dict[str, Any]) -> None:
+        self.writer.scalars(metrics, step=state.epoch)
+
+    def on_fit_end(self, state: TrainState, result: Dict[str, Any]) -> None:
+        self.writer.hparams(_flat_hparams(state.config), result["metrics"])
+
+
+class LocalCheckpointCallback(Callback):
+    """Keep the latest epoch's checkpoint in ``out_dir/checkpoint`` (atomic per file)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def on_epoch_end(self, state: TrainState, metrics: Dict[str, Any]) -> None:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(state, self.directory)
+
+
+def _flat_hparams(config: Dict[str, Any]) -> Dict[str, Any]:
+    keep = ("model", "variant", "rank", "features", "landmarks", "dilation", "window", "fusion", "lr", "weight_decay",
+            "batch_size", "epochs", "img_size", "patch_size", "precision", "seed", "data")
+    return {k: config.get(k) for k in keep if config.get(k) is not None}
+
+
+def run_training(
+    cfg: TrainConfig,
+    out_dir: Optional[str | Path] = None,
+    callbacks: Sequence[Callback] = (),
+    *,
+    resume_from: Optional[str | Path] = None,
+    progress: bool = True,
+    local_checkpoints: bool = True,
+) -> Dict[str, Any]:
+    """Validate everything, then train; nothing is written under `out_dir` before validation passes.
+
+    Returns ``{"status", "metrics", "history", "config", ...}`` (also written to result.json).
+    """
+    from .checkpoint import read_checkpoint
+    from .data import build_data, build_loaders, plot_grid, resolve_preprocessing
+
+    geometry = check_config(cfg)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    preprocessing = resolve_preprocessing(
+        _preprocessing_model(cfg), cfg.img_size, augment=cfg.augment, scale=cfg.scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter
+    )
+    bundle = build_data(cfg.data, preprocessing, skip_bad_images=cfg.skip_bad_images, seed=cfg.seed)
+    try:
+        check_topk(cfg.topk, bundle.num_classes)
+    except MetricError as err:
+        raise ConfigError(str(err)) from err
+    resume = read_checkpoint(resume_from) if resume_from else None
+
+    attn_hparams = cfg.attention_hparams()
+    model = build_vit(
+        cfg.model,
+        bundle.num_classes,
+        variant=cfg.variant,
+        attn_hparams=attn_hparams,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        pretrained=cfg.pretrained and resume is None,
+        pretrained_tag=cfg.pretrained_tag,
+        weights=cfg.weights if resume is None else None,
+        drop_path=cfg.drop_path,
+    )
+    static = cost_metrics(model, preprocessing.input_size[1:])
+    train_loader, val_loader = build_loaders(bundle, cfg.batch_size, cfg.num_workers, device, cfg.seed)
+
+    callbacks: List[Callback] = list(callbacks)
+    writer = None
+    if out_dir is not None:
+        from .tb_writer import TBWriter
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        preprocessing.save(out / "preprocessing.json")
+        writer = TBWriter(str(out / "tb"))
+        _write_sample_grid(writer, val_loader, bundle, preprocessing, plot_grid)
+        callbacks.insert(0, TensorBoardCallback(writer))
+        if local_checkpoints:
+            callbacks.insert(0, LocalCheckpointCallback(out / "checkpoint"))
+    try:
+        result = fit(
+            model, train_loader, val_loader, cfg, callbacks,
+            num_classes=bundle.num_classes, device=device, resume=resume, static_metrics=static, progress=progress,
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+
+    arch = {
+        "model": cfg.model,
+        "variant": cfg.variant,
+        "attn_hparams": attn_hparams,
+        "img_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "num_classes": bundle.num_classes,
+    }
+    result.update(
+        {
+            "config": cfg.to_dict(),
+            "arch": arch,
+            "geometry": geometry,
+            "data": {
+                "spec": cfg.data,
+                "num_classes": bundle.num_classes,
+                "train_size": len(bundle.train),
+                "val_size": len(bundle.val),
+                "skipped_images": bundle.skipped_images,
+            },
+            "environment": {
+                "device": str(device),
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "python": platform.python_version(),
+            },
+        }
+    )
+    if out_dir is not None:
+        from .weights import save_weight_dict
+
+        save_weight_dict(
+            model, Path(out_dir) / "weights.safetensors", {**cfg.to_dict(), **arch},
+            metrics=result["metrics"], preprocessing=preprocessing.to_dict(), class_names=bundle.class_names,
+        )
+        result["weights"] = str(Path(out_dir) / "weights.safetensors")
+        write_json(Path(out_dir) / "result.json", result)
+    return result
+
+
+def _write_sample_grid(writer, loader, bundle, preprocessing, plot_grid, n: int = 16) -> None:
+    """A denormalised grid of validation images with class names, for a visual sanity check."""
+    images, labels = [], []
+    for x, y in loader:
+        images.append(x)
+        labels.extend(int(v) for v in y)
+        if len(labels) >= n:
+            break
+    if not images:
+        return
+    batch = torch.cat(images)[:n]
+    fig = plot_grid(batch, labels[:n], bundle.class_names, None, preprocessing.mean, preprocessing.std)
+    writer.figure("samples/val", fig, step=0)
