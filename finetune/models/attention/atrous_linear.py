@@ -1,0 +1,287 @@
+"""Hybrid atrous-linear attention (ours): exact dilated local windows + FAVOR+ for everything else.
+
+Intuition. A ViT's softmax attention is, in most heads, dominated by a few nearby patches (plus CLS),
+with a long, flat tail over the rest of the image. The two families of efficient attention each get
+one half right:
+
+* From atrous attention (ACC-ViT, Rahman et al. 2024; DilateFormer, Jiao et al. 2023) we take the
+  local half: heads are split into groups, one per dilation rate r in `dilation`, and a patch query
+  attends *exactly* to its ``window x window`` neighbourhood sampled at stride r on the ``Hp x Wp``
+  grid (positions off the grid are padded and masked). Rates (1, 2, 3) let head groups see the image
+  at different scales for the same cost, which is why ACC-ViT and DilateFormer use them; the heavy
+  head of the attention distribution is then computed without error.
+* From linear attention (Performer, Choromanski et al. 2021) and the sparse + low-rank split of
+  Scatterbrain (Chen et al. 2021) we take the tail: every key *outside* the neighbourhood is covered
+  by FAVOR+ positive random features phi, in O(N m D). The sum over "all keys but the window" is the
+  global feature sum minus the window's own phi terms, so it costs no more than plain Performer.
+
+Both halves estimate the same softmax terms ``exp(s_ij)``, ``s_ij = q_i . k_j / sqrt(D)``, so they
+are added inside *one* normalisation (DESIGN.md)::
+
+    num_i = sum_{j in W_r(i)} exp(s_ij) v_j + phi(q_i)^T sum_{j not in W_r(i)} phi(k_j) v_j^T
+    den_i = sum_{j in W_r(i)} exp(s_ij)     + phi(q_i)^T sum_{j not in W_r(i)} phi(k_j)
+    out_i = num_i / den_i
+
+Unlike averaging a local and a global output, this is an estimator of softmax attention whose error
+comes only from the tail, and it is exact when the window covers the whole grid (empty tail). Prefix
+(CLS / register) tokens are exact both ways: a prefix query attends to all N keys with softmax, and
+every patch query has the prefix keys as exact terms (O(N P D)).
+
+Stabilisers. ``phi(k_j) = m^(-1/2) exp(W k_j' - |k_j'|^2/2 - c_k)`` with one global max ``c_k`` per
+(batch, head), as in Performer. For query i the shared offset ``c_i`` is the max of its own feature
+exponents and of its exact logits ``s_ij - c_k``; then ``phi(q_i)`` uses ``exp(. - c_i)`` and every
+exact term is ``exp(s_ij - c_k - c_i)``, so both halves carry the same factor ``exp(-c_k - c_i)``
+(which cancels in num / den) and every exponential is <= 1. No eps is needed: den_i > 0 because the
+query's own position is always in its window.
+
+Head groups. H heads are split into ``len(dilation)`` contiguous groups as evenly as possible (the
+first ``H % len(dilation)`` groups get one head more; 6 heads, rates (1, 2, 3): two heads each); H
+must be at least ``len(dilation)``.
+
+Shapes (P prefix tokens, Np = Hp * Wp patches, w = window, m = features):
+    q, k, v                  (B, H, N, D)       split into prefix (B, H, P, D) and patches (B, H, Np, D)
+    prefix queries           (B, H, P, D)       exact softmax over all N keys
+    phi(k_p)                 (B, H, Np, m)
+    global sums phi(K)^T[V,1] (B, H, m, D+1)
+    window gather of [k, v, phi(k)] (B, H, Np, w*w, 2D+m)  via a neighbour index per rate, padding row
+    exact window logits      (B, H, Np, w*w),  prefix logits (B, H, Np, P)
+    window phi terms         (B, H, Np, w*w)   phi(q_i) . phi(k_j) for j in the window
+    num / den                (B, H, Np, D) / (B, H, Np, 1)
+
+Cost per head: O(N (w^2 + m) D + N w^2 m + N P D) time; memory O(N w^2 (2D + m) + N m).
+
+fusion='gate' (for comparison, ACC-ViT-style gating between the atrous and the global branch): the
+tail terms are scaled by a learned, input-dependent ``g_i = 2 sigmoid(q_i . a_h + b_h)`` per head,
+i.e. ``num_i = exact_i + g_i tail_i`` (same in den_i). ``a: [H, D]`` and ``b: [H]`` are the only new
+parameters; they start at zero, so g = 1 and a gated model starts as exactly the 'sum' model (and a
+pretrained softmax ViT's weights transfer the same way).
+
+Hyperparameters:
+    dilation: tuple of rates >= 1, one per head group (default (1, 2, 3)).
+    window: odd neighbourhood side >= 1; the span (window - 1) * r + 1 must fit in min(Hp, Wp).
+    features (m): random features for the tail, >= 1 (default 64).
+    fusion: 'sum' (one normalised estimate) or 'gate' (learned tail weight).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .base import AttentionBase, AttentionConfigError
+from .performer import _softmax_feature_exponent, orthogonal_random_features
+from .registry import register_attention
+from .softmax import softmax_attention
+
+FUSIONS = ("sum", "gate")
+
+
+def _int_hparam(name: str, value: Any, minimum: int) -> int:
+    """`value` as an int >= minimum (numpy integers accepted, bools refused), else AttentionConfigError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        as_int = operator.index(value)
+    except TypeError:
+        raise AttentionConfigError(f"atrous_linear {name}={value!r} must be an integer >= {minimum}") from None
+    if as_int < minimum:
+        raise AttentionConfigError(f"atrous_linear {name}={value!r} must be an integer >= {minimum}")
+    return as_int
+
+
+def head_groups(num_heads: int, num_groups: int) -> List[Tuple[int, int]]:
+    """Contiguous [start, stop) head ranges, sizes as even as possible (larger groups first)."""
+    base, extra = divmod(num_heads, num_groups)
+    bounds, start = [], 0
+    for g in range(num_groups):
+        stop = start + base + (1 if g < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def neighbour_index(
+    grid_size: Tuple[int, int], window: int, rate: int, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """Patch indices of each patch's dilated window: [Np, window * window]; off-grid slots hold Np.
+
+    Slot order is row-major over the offsets ``(dy, dx) in (-(w//2)..w//2)^2 * rate``; the centre slot
+    ``(w*w)//2`` is the patch itself.
+    """
+    hp, wp = grid_size
+    offsets = (torch.arange(window, device=device) - window // 2) * rate  # (w,)
+    ys = torch.arange(hp, device=device)[:, None, None, None] + offsets[None, None, :, None]  # (Hp, 1, w, 1)
+    xs = torch.arange(wp, device=device)[None, :, None, None] + offsets[None, None, None, :]  # (1, Wp, 1, w)
+    valid = (ys >= 0) & (ys < hp) & (xs >= 0) & (xs < wp)  # (Hp, Wp, w, w)
+    index = torch.where(valid, ys * wp + xs, torch.full_like(ys * wp + xs, hp * wp))  # (Hp, Wp, w, w)
+    return index.reshape(hp * wp, window * window)  # (Np, w*w)
+
+
+def atrous_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    grid_size: Tuple[int, int],
+    num_prefix_tokens: int = 1,
+    dilation: Sequence[int] = (1, 2, 3),
+    window: int = 3,
+    far_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Hybrid attention. q, k, v: [B, H, N, D], projection: [m, D] -> [B, H, N, D] (dtype of v).
+
+    Args:
+        grid_size: (Hp, Wp) with N = num_prefix_tokens + Hp * Wp.
+        dilation: one rate per head group (H split as evenly as possible, see `head_groups`).
+        window: odd side of the neighbourhood; any size (a window covering the grid gives exact softmax).
+        far_weight: optional [B, H, Np, 1] weight of the random-feature tail ('gate' fusion); None = 1.
+    Computed in fp32 with autocast disabled.
+    """
+    B, H, N, D = q.shape
+    P = num_prefix_tokens
+    hp, wp = grid_size
+    Np = hp * wp
+    if N != P + Np:
+        raise ValueError(f"atrous_linear: N={N} tokens but grid {hp}x{wp} + {P} prefix tokens = {P + Np}")
+    if H < len(dilation):
+        raise AttentionConfigError(
+            f"atrous_linear needs at least one head per dilation rate: num_heads={H} < len(dilation)={len(dilation)}"
+        )
+    scale = D**-0.5
+    w2 = window * window
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, k, v = q.float(), k.float(), v.float()
+        projection = projection.float()
+        m = projection.shape[0]
+        ratio = m**-0.5
+        out_prefix = softmax_attention(q[:, :, :P], k, v, fused=False)  # (B, H, P, D)
+        qp, kp, vp = q[:, :, P:], k[:, :, P:], v[:, :, P:]  # (B, H, Np, D) each
+        kc, vc = k[:, :, :P], v[:, :, :P]  # (B, H, P, D) each
+
+        # Random-feature tail: keys share one global stabiliser c_k per (batch, head).
+        ek = _softmax_feature_exponent(kp, projection)  # (B, H, Np, m)
+        c_k = ek.amax(dim=(-2, -1), keepdim=True).detach()  # (B, H, 1, 1)
+        phi_k = ratio * (ek - c_k).exp()  # (B, H, Np, m)
+        ones = vp.new_ones(B, H, Np, 1)
+        context = phi_k.transpose(-2, -1) @ torch.cat([vp, ones], dim=-1)  # (B, H, m, D+1)
+
+        # Dilated windows: gather [k, v, phi(k)] of each patch's neighbours; a zero row pads the grid.
+        packed = torch.cat([kp, vp, phi_k], dim=-1)  # (B, H, Np, 2D+m)
+        packed = torch.nn.functional.pad(packed, (0, 0, 0, 1))  # (B, H, Np+1, 2D+m)
+        gathered, valid = [], []
+        for (h0, h1), rate in zip(head_groups(H, len(dilation)), dilation):
+            index = neighbour_index(grid_size, window, rate, device=q.device)  # (Np, w*w)
+            rows = packed[:, h0:h1].index_select(2, index.reshape(-1))  # (B, h, Np*w*w, 2D+m)
+            gathered.append(rows.reshape(B, h1 - h0, Np, w2, -1))  # (B, h, Np, w*w, 2D+m)
+            valid.append((index < Np).expand(h1 - h0, Np, w2))  # (h, Np, w*w)
+        gathered = torch.cat(gathered, dim=1)  # (B, H, Np, w*w, 2D+m)
+        valid = torch.cat(valid, dim=0)  # (H, Np, w*w)
+        k_win, v_win, phi_k_win = gathered.split([D, D, m], dim=-1)  # (B, H, Np, w*w, D | D | m)
+
+        # Exact logits of the window and of the prefix keys, on the key features' scale (minus c_k).
+        qs = (qp * scale).unsqueeze(-2)  # (B, H, Np, 1, D)
+        s_win = (qs @ k_win.transpose(-2, -1)).squeeze(-2) - c_k  # (B, H, Np, w*w)
+        s_win = s_win.masked_fill(~valid, float("-inf"))
+        s_pre = (qp * scale) @ kc.transpose(-2, -1) - c_k  # (B, H, Np, P)
+
+        # One offset per query shared by both halves: every exponential is <= 1.
+        eq = _softmax_feature_exponent(qp, projection)  # (B, H, Np, m)
+        c_q = torch.cat([eq, s_win, s_pre], dim=-1).amax(dim=-1, keepdim=True).detach()  # (B, H, Np, 1)
+        phi_q = ratio * (eq - c_q).exp()  # (B, H, Np, m)
+        a_win = (s_win - c_q).exp()  # (B, H, Np, w*w), zero off the grid
+        a_pre = (s_pre - c_q).exp()  # (B, H, Np, P)
+
+        # Tail = global feature sums minus the window's own feature terms.
+        p_win = (phi_q.unsqueeze(-2) @ phi_k_win.transpose(-2, -1)).squeeze(-2)  # (B, H, Np, w*w)
+        tail = phi_q @ context  # (B, H, Np, D+1)
+        tail_den = (tail[..., -1:] - p_win.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (B, H, Np, 1)
+        g = 1.0 if far_weight is None else far_weight.float()  # (B, H, Np, 1)
+        weights = a_win - g * p_win  # (B, H, Np, w*w)
+        num = (weights.unsqueeze(-2) @ v_win).squeeze(-2) + a_pre @ vc + g * tail[..., :-1]  # (B, H, Np, D)
+        den = a_win.sum(dim=-1, keepdim=True) + a_pre.sum(dim=-1, keepdim=True) + g * tail_den  # (B, H, Np, 1)
+        out = torch.cat([out_prefix, num / den], dim=2)  # (B, H, N, D)
+    return out.to(v.dtype)
+
+
+@register_attention("atrous_linear")
+class AtrousLinearAttention(AttentionBase):
+    """timm-compatible hybrid atrous-local + FAVOR+ attention (see the module docstring).
+
+    Args (besides timm's `Attention` arguments, see `AttentionBase`):
+        dilation: dilation rate per head group (heads split as evenly as possible).
+        window: odd window side; (window - 1) * max(dilation) + 1 <= min(Hp, Wp).
+        features: random features m for the tail.
+        fusion: 'sum' or 'gate' (learned per-token tail weight, initialised to 1).
+    """
+
+    hparams = ("dilation", "window", "features", "fusion")
+    needs_grid = True
+
+    def __init__(
+        self,
+        *args,
+        dilation: Sequence[int] = (1, 2, 3),
+        window: int = 3,
+        features: int = 64,
+        fusion: str = "sum",
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(dilation, (str, bytes)):
+            raise AttentionConfigError(f"atrous_linear dilation={dilation!r} must be a sequence of integers >= 1")
+        rates = (dilation,) if not isinstance(dilation, Sequence) else tuple(dilation)
+        if not rates:
+            raise AttentionConfigError("atrous_linear dilation=() must hold at least one rate >= 1")
+        rates = tuple(_int_hparam("dilation", r, 1) for r in rates)
+        window = _int_hparam("window", window, 1)
+        if window % 2 == 0:
+            raise AttentionConfigError(f"atrous_linear window={window} must be odd (a centred neighbourhood)")
+        features = _int_hparam("features", features, 1)
+        if fusion not in FUSIONS:
+            raise AttentionConfigError(f"atrous_linear fusion={fusion!r} is not one of {FUSIONS}")
+        hp, wp = self.grid_size
+        for r in rates:
+            span = (window - 1) * r + 1
+            if span > min(hp, wp):
+                raise AttentionConfigError(
+                    f"atrous_linear window={window} at dilation rate {r} spans {span} patches, more than the "
+                    f"{hp}x{wp} grid allows (need (window - 1) * rate + 1 <= {min(hp, wp)})"
+                )
+        if self.num_heads < len(rates):
+            raise AttentionConfigError(
+                f"atrous_linear dilation={rates} needs at least {len(rates)} heads (one group per rate); "
+                f"num_heads={self.num_heads}"
+            )
+        self.dilation = rates
+        self.window = window
+        self.features = features
+        self.fusion = fusion
+        dd = {"device": self.qkv.weight.device, "dtype": self.qkv.weight.dtype}
+        self.register_buffer(
+            "projection", orthogonal_random_features(features, self.head_dim, device=dd["device"]), persistent=True
+        )  # (m, D)
+        self.gate_weight: Optional[nn.Parameter] = None
+        self.gate_bias: Optional[nn.Parameter] = None
+        if fusion == "gate":
+            self.gate_weight = nn.Parameter(torch.zeros(self.num_heads, self.head_dim, 1, **dd))  # (H, D, 1)
+            self.gate_bias = nn.Parameter(torch.zeros(self.num_heads, 1, 1, **dd))  # (H, 1, 1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        far_weight = None
+        if self.gate_weight is not None:
+            qp = q[:, :, self.num_prefix_tokens :]  # (B, H, Np, D)
+            far_weight = 2.0 * torch.sigmoid(qp @ self.gate_weight.to(qp.dtype) + self.gate_bias)  # (B, H, Np, 1)
+        return atrous_linear_attention(
+            q,
+            k,
+            v,
+            self.projection,
+            self.grid_size,
+            num_prefix_tokens=self.num_prefix_tokens,
+            dilation=self.dilation,
+            window=self.window,
+            far_weight=far_weight,
+        )  # (B, H, N, D)

@@ -1,0 +1,109 @@
+"""Linformer attention (Wang et al., 2020, "Linformer: Self-Attention with Linear Complexity").
+
+Algorithm. Keys and values are projected along the sequence axis to a fixed length k before the
+softmax::
+
+    K' = E^T K,  V' = F^T V              E, F: [N, k];  K', V': [k, D]
+    out = softmax(q K'^T / sqrt(D)) V'    [N, k] attention matrix instead of [N, N]
+
+E and F are learned, one pair per layer shared by its heads ("headwise sharing" in the paper), and are
+the variant's only new parameters: a pretrained softmax ViT loads into everything else. They are
+initialised N(0, 1/k), as in the paper's code, so ``E^T K`` starts as a random projection that keeps
+norms on average (Johnson-Lindenstrauss). ``share_kv=True`` uses one matrix for both (F = E).
+
+N must be known at construction (it fixes the parameter shapes), so the variant needs the patch grid;
+``rank >= N`` is refused (nothing would be compressed).
+
+Cost per head: O(N k D) time, O(N k) memory for the attention matrix.
+
+Hyperparameters:
+    rank (k): projected sequence length, 1 <= k < N (default 64).
+    share_kv: one projection for keys and values (default False).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import AttentionBase, AttentionConfigError
+from .registry import register_attention
+
+
+def linformer_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    E: torch.Tensor,
+    F: torch.Tensor,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Linformer attention. q, k, v: [B, H, N, D]; E, F: [N, k] -> [B, H, N, D].
+
+    With E = F = I_N (k = N) this is exact softmax attention.
+    """
+    if E.shape[0] != k.shape[-2] or F.shape[0] != v.shape[-2]:
+        raise ValueError(
+            f"linformer projections are built for N={E.shape[0]} tokens but got N={k.shape[-2]}; "
+            "rebuild the model for this image / patch size"
+        )
+    k_proj = E.t().to(k.dtype) @ k  # (B, H, k, D)
+    v_proj = F.t().to(v.dtype) @ v  # (B, H, k, D)
+    attn = (q * q.shape[-1] ** -0.5) @ k_proj.transpose(-2, -1)  # (B, H, N, k)
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = torch.nn.functional.dropout(attn, p=dropout_p)
+    return attn @ v_proj  # (B, H, N, D)
+
+
+@register_attention("linformer")
+class LinformerAttention(AttentionBase):
+    """timm-compatible Linformer attention.
+
+    Args (besides timm's `Attention` arguments, see `AttentionBase`):
+        rank: projected sequence length k, 1 <= k < N.
+        share_kv: use the same projection for keys and values.
+    """
+
+    hparams = ("rank", "share_kv")
+    needs_grid = True
+
+    def __init__(self, *args, rank: int = 64, share_kv: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        n = self.num_tokens
+        try:
+            if isinstance(rank, bool):
+                raise TypeError
+            rank = operator.index(rank)
+        except TypeError:
+            raise AttentionConfigError(f"linformer rank={rank!r} must be an integer in [1, N-1] = [1, {n - 1}]") from None
+        if not 1 <= rank < n:
+            raise AttentionConfigError(
+                f"linformer rank={rank} must be in [1, N-1] = [1, {n - 1}] for N={n} tokens "
+                "(rank >= N compresses nothing)"
+            )
+        if not isinstance(share_kv, bool):
+            raise AttentionConfigError(f"linformer share_kv={share_kv!r} must be a bool")
+        self.rank = rank
+        self.share_kv = share_kv
+        dd = {"device": self.qkv.weight.device, "dtype": self.qkv.weight.dtype}
+        self.E = nn.Parameter(torch.empty(n, rank, **dd))  # (N, k)
+        self.F: Optional[nn.Parameter] = None if share_kv else nn.Parameter(torch.empty(n, rank, **dd))  # (N, k)
+        self.reset_projections()
+
+    @torch.no_grad()
+    def reset_projections(self) -> None:
+        """E, F ~ N(0, 1/k)."""
+        std = 1.0 / math.sqrt(self.rank)
+        nn.init.normal_(self.E, std=std)
+        if self.F is not None:
+            nn.init.normal_(self.F, std=std)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        F = self.E if self.F is None else self.F
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        return linformer_attention(q, k, v, self.E, F, dropout_p=dropout_p)  # (B, H, N, D)

@@ -1,0 +1,155 @@
+"""Nystromformer attention (Xiong et al., AAAI 2021): a Nystrom low-rank approximation of softmax.
+
+Algorithm. Choose m landmarks per head, the means of q and of k over m contiguous segments of the
+sequence (``q~, k~: [m, D]``). The N x N softmax matrix is approximated through three small ones::
+
+    softmax(q k^T) ~= softmax(q k~^T) pinv(softmax(q~ k~^T)) softmax(q~ k^T)
+                       [N, m]          [m, m]                [m, N]
+
+and multiplied right-to-left with v, so no N x N matrix is ever formed. The pseudo-inverse is the
+iterative Moore-Penrose scheme of Razavi et al. (2014) used by Nystromformer,
+``Z <- 1/4 Z (13 I - A Z (15 I - A Z (7 I - A Z)))``, started from ``Z0 = A^T / (||A||_1 ||A||_inf)``
+(per matrix), and always run in fp32.
+
+Segments: N is rarely divisible by m (197 = 1 CLS + 196 patches), so segment s covers tokens
+``[floor(s N / m), floor((s+1) N / m))``: lengths differ by at most one and every mean is over real
+tokens only. (The reference implementation zero-pads the sequence to a multiple of m and then averages
+the padding into the first segment's landmark.) When ``m >= N`` there is nothing to compress and the
+exact softmax is returned.
+
+Optional residual: a depthwise convolution over the sequence axis of v, kernel ``(conv_kernel, 1)``,
+one filter per head (as in the paper's code), added to the output; it is the only new parameter.
+
+Cost per head: O(N m D + m^3 * pinv_iterations) time, O(N m + m^2) memory.
+
+Hyperparameters:
+    landmarks (m): number of landmarks, >= 1 (default 32).
+    pinv_iterations: Razavi iterations, >= 1 (default 6).
+    conv_kernel: odd kernel length of the value residual conv, or None for none (default None).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .base import AttentionBase, AttentionConfigError
+from .registry import register_attention
+from .softmax import softmax_attention
+
+
+def _int_hparam(name: str, value: Any, minimum: int, odd: bool = False) -> int:
+    """`value` as an int >= minimum (numpy integers accepted, bools refused), else AttentionConfigError."""
+    allowed = f"an {'odd ' if odd else ''}integer >= {minimum}"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        as_int = operator.index(value)
+    except TypeError:
+        raise AttentionConfigError(f"nystrom {name}={value!r} must be {allowed}") from None
+    if as_int < minimum or (odd and as_int % 2 == 0):
+        raise AttentionConfigError(f"nystrom {name}={value!r} must be {allowed}")
+    return as_int
+
+
+def segment_means(x: torch.Tensor, segments: int) -> torch.Tensor:
+    """Means of x over `segments` contiguous, nearly equal, unpadded segments. [B, H, N, D] -> [B, H, m, D]."""
+    n = x.shape[-2]
+    bounds = torch.div(torch.arange(segments + 1, device=x.device) * n, segments, rounding_mode="floor")  # (m+1,)
+    csum = torch.nn.functional.pad(x.cumsum(dim=-2), (0, 0, 1, 0))  # (B, H, N+1, D)
+    sums = csum[..., bounds[1:], :] - csum[..., bounds[:-1], :]  # (B, H, m, D)
+    lengths = (bounds[1:] - bounds[:-1]).to(x.dtype)  # (m,)
+    return sums / lengths[:, None]  # (B, H, m, D)
+
+
+def iterative_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
+    """Moore-Penrose pseudo-inverse by Razavi's iteration. a: [..., m, m] -> [..., m, m], in fp32."""
+    a = a.float()
+    abs_a = a.abs()
+    col = abs_a.sum(dim=-2).amax(dim=-1)  # (...,) max column sum = ||a||_1
+    row = abs_a.sum(dim=-1).amax(dim=-1)  # (...,) max row sum = ||a||_inf
+    z = a.transpose(-2, -1) / (col * row)[..., None, None]  # (..., m, m)
+    eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)  # (m, m)
+    for _ in range(iterations):
+        az = a @ z  # (..., m, m)
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))  # (..., m, m)
+    return z
+
+
+def nystrom_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    landmarks: int = 32,
+    pinv_iterations: int = 6,
+) -> torch.Tensor:
+    """Nystrom approximation of ``softmax(q k^T / sqrt(D)) v``. q, k, v: [B, H, N, D] -> [B, H, N, D].
+
+    Exact softmax when ``landmarks >= N``. Computed in fp32 with autocast disabled.
+    """
+    n = q.shape[-2]
+    if landmarks >= n:
+        return softmax_attention(q, k, v)  # (B, H, N, D)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q32 = q.float() * q.shape[-1] ** -0.5  # (B, H, N, D)
+        k32, v32 = k.float(), v.float()
+        q_land = segment_means(q32, landmarks)  # (B, H, m, D)
+        k_land = segment_means(k32, landmarks)  # (B, H, m, D)
+        kernel_1 = (q32 @ k_land.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, m)
+        kernel_2 = (q_land @ k_land.transpose(-2, -1)).softmax(dim=-1)  # (B, H, m, m)
+        kernel_3 = (q_land @ k32.transpose(-2, -1)).softmax(dim=-1)  # (B, H, m, N)
+        context = kernel_3 @ v32  # (B, H, m, D)
+        context = iterative_pinv(kernel_2, pinv_iterations) @ context  # (B, H, m, D)
+        out = kernel_1 @ context  # (B, H, N, D)
+    return out.to(v.dtype)
+
+
+@register_attention("nystrom")
+class NystromAttention(AttentionBase):
+    """timm-compatible Nystromformer attention.
+
+    Args (besides timm's `Attention` arguments, see `AttentionBase`):
+        landmarks: number of landmarks m (>= 1); m >= N computes exact softmax.
+        pinv_iterations: iterations of the Moore-Penrose pseudo-inverse (>= 1).
+        conv_kernel: odd length of the depthwise value-residual conv along the sequence, or None.
+    """
+
+    hparams = ("landmarks", "pinv_iterations", "conv_kernel")
+
+    def __init__(
+        self,
+        *args,
+        landmarks: int = 32,
+        pinv_iterations: int = 6,
+        conv_kernel: Optional[int] = None,
+        **kwargs,
+    ) -> None:
+        landmarks = _int_hparam("landmarks", landmarks, 1)
+        pinv_iterations = _int_hparam("pinv_iterations", pinv_iterations, 1)
+        if conv_kernel is not None:
+            conv_kernel = _int_hparam("conv_kernel", conv_kernel, 1, odd=True)
+        super().__init__(*args, **kwargs)
+        self.landmarks = landmarks
+        self.pinv_iterations = pinv_iterations
+        self.conv_kernel = conv_kernel
+        self.res_conv: Optional[nn.Conv2d] = None
+        if conv_kernel is not None:
+            self.res_conv = nn.Conv2d(
+                self.num_heads,
+                self.num_heads,
+                kernel_size=(conv_kernel, 1),
+                padding=(conv_kernel // 2, 0),
+                groups=self.num_heads,
+                bias=False,
+                device=self.qkv.weight.device,
+                dtype=self.qkv.weight.dtype,
+            )
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = nystrom_attention(q, k, v, self.landmarks, self.pinv_iterations)  # (B, H, N, D)
+        if self.res_conv is not None:
+            out = out + self.res_conv(v)  # (B, H, N, D): heads are the conv's channels
+        return out

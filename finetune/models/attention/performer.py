@@ -1,0 +1,193 @@
+"""Performer attention: FAVOR+ positive orthogonal random features (Choromanski et al., ICLR 2021).
+
+Algorithm. The softmax kernel ``exp(q . k / sqrt(D))`` is written as an expectation over random
+projections ``w ~ N(0, I_D)``::
+
+    exp(q' . k') = E_w[ exp(w . q' - |q'|^2 / 2) * exp(w . k' - |k'|^2 / 2) ],   x' = x / D^(1/4)
+
+and estimated with ``m`` orthogonal random rows ``W: [m, D]`` (blocks of a QR of a Gaussian matrix,
+rows rescaled to chi-distributed norms), giving positive features ``phi(x) = m^(-1/2) exp(W x' -
+|x'|^2/2)``. Attention becomes linear in N::
+
+    out = phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)
+
+Max-stabilisers, as in the reference ``performer-pytorch`` ``softmax_kernel``: every query row is
+divided by its own maximum and all keys of a (batch, head) by one global maximum; both cancel in the
+ratio. Here the maxima are taken of the full exponent (``W x' - |x'|^2 / 2``), so the largest feature
+is exactly ``m^(-1/2)`` and the small ``eps`` that keeps denominators positive adds a bias of at most
+``eps`` relative to it. Features and both products are computed in fp32 (also under autocast).
+``kernel='relu'`` uses ``phi(x) = relu(W x') + eps`` instead (the generalised-kernel Performer).
+
+Cost per head: O(N m D) time, O(N m + m D) memory (versus O(N^2 D) and O(N^2) for softmax).
+
+Hyperparameters:
+    features (m): number of random features, >= 1 (default 64).
+    redraw_interval: redraw the projection every this many training forward calls; None or 0 never
+        redraws (default None). Redrawing happens only in training mode.
+    kernel: 'softmax' (FAVOR+, unbiased softmax estimate) or 'relu'.
+
+The projection matrix is a persistent buffer: checkpoints restore exactly the features a model was
+trained with. It is drawn from torch's global RNG (training is seeded globally).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+
+from .base import AttentionBase, AttentionConfigError
+from .registry import register_attention
+
+PERFORMER_KERNELS = ("softmax", "relu")
+# Keeps every feature strictly positive; relative to the largest feature (which is 1 / sqrt(m)).
+SOFTMAX_KERNEL_EPS = 1e-6
+RELU_KERNEL_EPS = 1e-3
+
+
+def _int_hparam(name: str, value: Any, minimum: int) -> int:
+    """`value` as an int >= minimum (numpy integers accepted, bools refused), else AttentionConfigError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        as_int = operator.index(value)
+    except TypeError:
+        raise AttentionConfigError(f"performer {name}={value!r} must be an integer >= {minimum}") from None
+    if as_int < minimum:
+        raise AttentionConfigError(f"performer {name}={value!r} must be an integer >= {minimum}")
+    return as_int
+
+
+def orthogonal_random_features(
+    features: int,
+    head_dim: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Orthogonal Gaussian projection W: [features, head_dim] (FAVOR+ 'ORF' with chi-distributed norms).
+
+    Rows come in blocks of ``head_dim`` mutually orthogonal directions (QR of a Gaussian matrix), each
+    row rescaled to the norm of an independent Gaussian vector so marginals match N(0, I). Drawn on
+    the CPU in fp32 (reproducible across devices) and moved to `device`.
+    """
+    blocks = []
+    for _ in range(-(-features // head_dim)):
+        gaussian = torch.randn(head_dim, head_dim, generator=generator, device="cpu")  # (D, D)
+        q, _ = torch.linalg.qr(gaussian)  # (D, D), orthonormal columns
+        blocks.append(q.T)
+    directions = torch.cat(blocks, dim=0)[:features]  # (m, D)
+    norms = torch.randn(features, head_dim, generator=generator, device="cpu").norm(dim=1)  # (m,)
+    return (directions * norms[:, None]).to(device)  # (m, D)
+
+
+def _softmax_feature_exponent(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """The exponent ``W x' - |x'|^2 / 2`` with ``x' = x D^(-1/4)``. x: [B, H, N, D] fp32 -> [B, H, N, m]."""
+    normaliser = x.shape[-1] ** -0.25
+    x = x * normaliser
+    proj = x @ projection.t()  # (B, H, N, m)
+    return proj - 0.5 * (x * x).sum(dim=-1, keepdim=True)  # (B, H, N, m)
+
+
+def favor_features(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    projection: torch.Tensor,
+    kernel: str = "softmax",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive random features phi(q), phi(k): [B, H, N, D] -> [B, H, N, m], in fp32.
+
+    Softmax kernel: per-query-row max stabiliser for q, one global max per (batch, head) for k.
+    """
+    q, k, projection = q.float(), k.float(), projection.float()
+    m = projection.shape[0]
+    if kernel == "softmax":
+        ratio = m**-0.5
+        eq = _softmax_feature_exponent(q, projection)  # (B, H, N, m)
+        ek = _softmax_feature_exponent(k, projection)  # (B, H, N, m)
+        eq = eq - eq.amax(dim=-1, keepdim=True).detach()
+        ek = ek - ek.amax(dim=(-2, -1), keepdim=True).detach()
+        phi_q = ratio * (eq.exp() + SOFTMAX_KERNEL_EPS)  # (B, H, N, m)
+        phi_k = ratio * (ek.exp() + SOFTMAX_KERNEL_EPS)  # (B, H, N, m)
+        return phi_q, phi_k
+    if kernel == "relu":
+        normaliser = q.shape[-1] ** -0.25
+        phi_q = torch.relu((q * normaliser) @ projection.t()) + RELU_KERNEL_EPS  # (B, H, N, m)
+        phi_k = torch.relu((k * normaliser) @ projection.t()) + RELU_KERNEL_EPS  # (B, H, N, m)
+        return phi_q, phi_k
+    raise AttentionConfigError(f"performer kernel={kernel!r} is not one of {PERFORMER_KERNELS}")
+
+
+def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``phi(Q) (phi(K)^T [V, 1])``, normalised. phi: [B, H, N, m], v: [B, H, N, D] -> [B, H, N, D] fp32."""
+    v1 = torch.cat([v.float(), v.new_ones(v.shape[:-1] + (1,), dtype=torch.float32)], dim=-1)  # (B, H, N, D+1)
+    context = phi_k.transpose(-2, -1) @ v1  # (B, H, m, D+1)
+    out = phi_q @ context  # (B, H, N, D+1)
+    return out[..., :-1] / out[..., -1:]  # (B, H, N, D)
+
+
+def performer_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    kernel: str = "softmax",
+) -> torch.Tensor:
+    """FAVOR+ attention. q, k, v: [B, H, N, D], projection: [m, D] -> [B, H, N, D] (dtype of v).
+
+    Estimates ``softmax(q k^T / sqrt(D)) v``; computed in fp32 with autocast disabled.
+    """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        phi_q, phi_k = favor_features(q, k, projection, kernel)  # (B, H, N, m) each
+        out = linear_attention(phi_q, phi_k, v)  # (B, H, N, D)
+    return out.to(v.dtype)
+
+
+@register_attention("performer")
+class PerformerAttention(AttentionBase):
+    """timm-compatible Performer (FAVOR+) attention.
+
+    Args (besides timm's `Attention` arguments, see `AttentionBase`):
+        features: number of random features m (>= 1).
+        redraw_interval: training forward calls between redraws of the projection; None/0: never.
+        kernel: 'softmax' (FAVOR+) or 'relu'.
+    """
+
+    hparams = ("features", "redraw_interval", "kernel")
+
+    def __init__(
+        self,
+        *args,
+        features: int = 64,
+        redraw_interval: Optional[int] = None,
+        kernel: str = "softmax",
+        **kwargs,
+    ) -> None:
+        features = _int_hparam("features", features, 1)
+        if redraw_interval is not None:
+            redraw_interval = _int_hparam("redraw_interval", redraw_interval, 0)
+        if kernel not in PERFORMER_KERNELS:
+            raise AttentionConfigError(f"performer kernel={kernel!r} is not one of {PERFORMER_KERNELS}")
+        super().__init__(*args, **kwargs)
+        self.features = features
+        self.redraw_interval = redraw_interval or None
+        self.kernel = kernel
+        device = self.qkv.weight.device
+        self.register_buffer(
+            "projection", orthogonal_random_features(features, self.head_dim, device=device), persistent=True
+        )  # (m, D)
+        self.calls_since_redraw = 0
+
+    @torch.no_grad()
+    def redraw_projection(self, generator: Optional[torch.Generator] = None) -> None:
+        """Draw a fresh projection in place (same shape, device and dtype)."""
+        fresh = orthogonal_random_features(self.features, self.head_dim, generator=generator)
+        self.projection.copy_(fresh)
+        self.calls_since_redraw = 0
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.training and self.redraw_interval:
+            if self.calls_since_redraw >= self.redraw_interval:
+                self.redraw_projection()
+            self.calls_since_redraw += 1
+        return performer_attention(q, k, v, self.projection, kernel=self.kernel)  # (B, H, N, D)
