@@ -152,6 +152,7 @@ def atrous_linear_attention(
         )
     scale = D**-0.5
     w2 = window * window
+    out_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k, v = q.float(), k.float(), v.float()
         projection = projection.float()
@@ -171,14 +172,19 @@ def atrous_linear_attention(
         # Dilated windows: gather [k, v, phi(k)] of each patch's neighbours; a zero row pads the grid.
         packed = torch.cat([kp, vp, phi_k], dim=-1)  # (B, H, Np, 2D+m)
         packed = torch.nn.functional.pad(packed, (0, 0, 0, 1))  # (B, H, Np+1, 2D+m)
-        gathered, valid = [], []
+        gathered, valid, has_tail = [], [], []
         for (h0, h1), rate in zip(head_groups(H, len(dilation)), dilation):
             index = neighbour_index(grid_size, window, rate, device=q.device)  # (Np, w*w)
             rows = packed[:, h0:h1].index_select(2, index.reshape(-1))  # (B, h, Np*w*w, 2D+m)
             gathered.append(rows.reshape(B, h1 - h0, Np, w2, -1))  # (B, h, Np, w*w, 2D+m)
             valid.append((index < Np).expand(h1 - h0, Np, w2))  # (h, Np, w*w)
+            # A window reaching every patch from every patch leaves no tail: drop it exactly rather than
+            # as "global sum minus window", which would leave fp32 cancellation noise.
+            reach = (window // 2) * rate
+            has_tail += [float(reach < max(hp, wp) - 1 or rate > 1)] * (h1 - h0)
         gathered = torch.cat(gathered, dim=1)  # (B, H, Np, w*w, 2D+m)
         valid = torch.cat(valid, dim=0)  # (H, Np, w*w)
+        tail_on = torch.tensor(has_tail, device=q.device).view(1, H, 1, 1)  # (1, H, 1, 1)
         k_win, v_win, phi_k_win = gathered.split([D, D, m], dim=-1)  # (B, H, Np, w*w, D | D | m)
 
         # Exact logits of the window and of the prefix keys, on the key features' scale (minus c_k).
@@ -198,12 +204,12 @@ def atrous_linear_attention(
         p_win = (phi_q.unsqueeze(-2) @ phi_k_win.transpose(-2, -1)).squeeze(-2)  # (B, H, Np, w*w)
         tail = phi_q @ context  # (B, H, Np, D+1)
         tail_den = (tail[..., -1:] - p_win.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (B, H, Np, 1)
-        g = 1.0 if far_weight is None else far_weight.float()  # (B, H, Np, 1)
+        g = tail_on if far_weight is None else tail_on * far_weight.float()  # (B|1, H, Np|1, 1)
         weights = a_win - g * p_win  # (B, H, Np, w*w)
         num = (weights.unsqueeze(-2) @ v_win).squeeze(-2) + a_pre @ vc + g * tail[..., :-1]  # (B, H, Np, D)
         den = a_win.sum(dim=-1, keepdim=True) + a_pre.sum(dim=-1, keepdim=True) + g * tail_den  # (B, H, Np, 1)
         out = torch.cat([out_prefix, num / den], dim=2)  # (B, H, N, D)
-    return out.to(v.dtype)
+    return out.to(out_dtype)
 
 
 @register_attention("atrous_linear")
