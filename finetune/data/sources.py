@@ -1,0 +1,290 @@
+"""Data sources behind `--data SPEC`: each yields (normalised image tensor [3, H, W], int label).
+
+- synthetic:    `SyntheticShapes`, rendered on the fly.
+- imagefolder:  torchvision-style `train/` and `val/` class folders (`FolderDataset`).
+- hf:           a Hugging Face `datasets` DatasetDict, from `save_to_disk` or the hub (`HFImageDataset`).
+- imagenet100:  the 100 CMC classes, from the hub copy, a save_to_disk copy, or an ImageNet-1k folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from .preprocessing import Preprocessing
+from .spec import (
+    DataError,
+    check_data_spec,
+    check_imagefolder_dir,
+    check_saved_dataset_dir,
+    is_local_path,
+    train_and_val_splits,
+)
+from .synthetic import SyntheticShapes
+
+IMAGENET100_HUB_ID = "clane9/imagenet-100"
+_PIL_ERRORS = (OSError, SyntaxError, ValueError)  # what PIL raises for unreadable/corrupt files
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    class_names: List[str]
+    num_classes: int
+    spec: str
+    preprocessing: Preprocessing
+    skipped_images: int = 0
+
+
+def build_data(spec: str, preprocessing: Preprocessing, *, skip_bad_images: bool = False, seed: int = 0) -> DataBundle:
+    """Datasets for SPEC with `preprocessing`'s train/eval transforms applied.
+
+    Args:
+        spec: a `--data` string (see `finetune.data.spec`).
+        preprocessing: transforms and normalisation.
+        skip_bad_images: image folders only: scan files up front (PIL verify) and drop unreadable ones,
+            counted in `DataBundle.skipped_images`; otherwise an unreadable file fails when loaded.
+        seed: the synthetic source's seed when the spec does not set `seed=`; other sources are fixed
+            by their files and ignore it.
+    """
+    ds = check_data_spec(spec)
+    train_tf, eval_tf = preprocessing.train_transform(), preprocessing.eval_transform()
+    skipped = 0
+    if ds.kind == "synthetic":
+        o = ds.options
+        s = o["seed"] if o["seed"] is not None else seed
+        train = SyntheticShapes(o["n"], o["classes"], o["size"], s, "train", train_tf)
+        val = SyntheticShapes(o["n_val"], o["classes"], o["size"], s, "val", eval_tf)
+        names = train.class_names
+    elif ds.kind == "imagefolder":
+        train, val, names, skipped = _folder_pair(ds.target, None, skip_bad_images, train_tf, eval_tf)
+    elif ds.kind == "hf":
+        train, val, names = _hf_pair(ds.target, train_tf, eval_tf)
+    else:
+        train, val, names, skipped = _imagenet100(ds.target, skip_bad_images, train_tf, eval_tf)
+    return DataBundle(train, val, list(names), len(names), spec, preprocessing, skipped)
+
+
+# ---------------------------------------------------------------------------------------- folders
+def load_rgb(path: str) -> Image.Image:
+    """Open an image file as RGB; an unreadable file is a DataError naming its path."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except _PIL_ERRORS as e:
+        raise DataError(f"cannot read image {path!r}: {e}") from e
+
+
+def is_readable_image(path: str) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except _PIL_ERRORS:
+        return False
+
+
+class FolderDataset(Dataset):
+    """(path, label) samples loaded with `load_rgb` and passed through `transform`."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], transform: Optional[Callable] = None) -> None:
+        self.samples = list(samples)
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = load_rgb(path)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+def _folder_pair(root, classes, skip_bad, train_tf, eval_tf):
+    """train/ and val/ of `root`. `classes` (in label order) restricts and orders the classes;
+    None takes every class folder, sorted (torchvision's convention)."""
+    check_imagefolder_dir(root)
+    splits = {}
+    for split in ("train", "val"):
+        d = os.path.join(root, split)
+        try:
+            found, _ = find_classes(d)
+        except FileNotFoundError as e:
+            raise DataError(f"{d!r} has no class folders; expected {split}/<class>/<image>") from e
+        splits[split] = (d, found)
+    if classes is None:
+        tr, va = set(splits["train"][1]), set(splits["val"][1])
+        if tr != va:
+            raise DataError(
+                f"image folder {root!r}: train/ and val/ must have the same class folders; "
+                f"only in train: {sorted(tr - va)}, only in val: {sorted(va - tr)}"
+            )
+        classes = splits["train"][1]
+    else:
+        for split, (d, found) in splits.items():
+            missing = [c for c in classes if c not in set(found)]
+            if missing:
+                raise DataError(
+                    f"{d!r} lacks {len(missing)} of the {len(classes)} required class folders: {_short(missing)}"
+                )
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    skipped, datasets_ = 0, []
+    for split, tf in (("train", train_tf), ("val", eval_tf)):
+        d = splits[split][0]
+        samples = make_dataset(d, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        if skip_bad:
+            good = [s for s in samples if is_readable_image(s[0])]
+            skipped += len(samples) - len(good)
+            samples = good
+        if not samples:
+            raise DataError(
+                f"{d!r} has no {'readable ' if skip_bad else ''}images in its class folders "
+                f"(extensions: {', '.join(IMG_EXTENSIONS)})"
+            )
+        datasets_.append(FolderDataset(samples, tf))
+    return datasets_[0], datasets_[1], list(classes), skipped
+
+
+# --------------------------------------------------------------------------------- hugging face
+class HFImageDataset(Dataset):
+    """One split of a `datasets.Dataset` with an Image column and a ClassLabel column."""
+
+    def __init__(self, split, image_column: str, label_column: str, transform: Optional[Callable], where: str):
+        self.split = split.select_columns([image_column, label_column])
+        self.image_column, self.label_column = image_column, label_column
+        self.transform, self.where = transform, where
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        try:
+            row = self.split[int(index)]  # decodes the image
+            image = row[self.image_column].convert("RGB")
+        except _PIL_ERRORS as e:
+            raise DataError(f"cannot read image {index} of {self.where}: {e}") from e
+        label = int(row[self.label_column])
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+def load_dataset_dict(target: str):
+    """`load_from_disk` for a local directory, else `load_dataset` from the hub (network)."""
+    import datasets
+
+    if is_local_path(target):
+        check_saved_dataset_dir(target)
+        return datasets.load_from_disk(os.path.expanduser(target))
+    try:
+        return datasets.load_dataset(target)
+    except OSError as e:  # DatasetNotFoundError, ConnectionError and offline mode are all OSErrors
+        raise DataError(
+            f"cannot load hub dataset {target!r}: {e}. Check the id, the network (HF_HUB_OFFLINE), "
+            "or pass a local directory saved with save_to_disk"
+        ) from e
+
+
+def _pick_column(features, kind, preferred: Tuple[str, ...], where: str) -> str:
+    import datasets
+
+    cls = datasets.Image if kind == "image" else datasets.ClassLabel
+    found = [k for k, f in features.items() if isinstance(f, cls)]
+    if len(found) == 1:
+        return found[0]
+    named = [k for k in preferred if k in found]
+    if named:
+        return named[0]
+    described = ", ".join(f"{k}: {type(f).__name__}" for k, f in features.items())
+    what = "datasets.Image" if kind == "image" else "datasets.ClassLabel"
+    problem = "no" if not found else f"several ({', '.join(found)}), none named {'/'.join(preferred)}, so no"
+    raise DataError(f"{where} has {problem} unambiguous {what} column; its columns are {{{described}}}")
+
+
+def check_labels(split, label_column: str, num_classes: int, where: str) -> None:
+    labels = np.asarray(split.select_columns([label_column]).with_format("numpy")[label_column])
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(
+            f"{where}: label {int(labels[i])} at row {i} (and {bad.size - 1} more) is outside "
+            f"0..{num_classes - 1} ({num_classes} classes in column {label_column!r})"
+        )
+
+
+def _hf_pair(target: str, train_tf, eval_tf, display: Optional[str] = None):
+    dd = load_dataset_dict(target)
+    display = display or target
+    train_name, val_name = train_and_val_splits(dd.keys(), display)
+    features = dd[train_name].features
+    image_col = _pick_column(features, "image", ("image", "img"), f"{display}[{train_name}]")
+    label_col = _pick_column(features, "label", ("label", "labels"), f"{display}[{train_name}]")
+    names = list(features[label_col].names)
+    val_features = dd[val_name].features
+    if label_col not in val_features or list(getattr(val_features[label_col], "names", [])) != names:
+        raise DataError(
+            f"{display}: split {val_name!r} must have the same ClassLabel column {label_col!r} "
+            f"and class names as {train_name!r}"
+        )
+    out = []
+    for name, tf in ((train_name, train_tf), (val_name, eval_tf)):
+        where = f"{display}[{name}]"
+        if len(dd[name]) == 0:
+            raise DataError(f"{where} is empty")
+        check_labels(dd[name], label_col, len(names), where)
+        out.append(HFImageDataset(dd[name], image_col, label_col, tf, where))
+    return out[0], out[1], names
+
+
+# --------------------------------------------------------------------------------- imagenet-100
+def imagenet100_wnids() -> List[str]:
+    """The 100 WordNet ids of ImageNet-100 (CMC, Tian et al. 2019), in label order."""
+    text = resources.files("finetune.data").joinpath("imagenet100_cmc_wnids.txt").read_text()
+    return text.split()
+
+
+def wnid_descriptions(wnids: Sequence[str]) -> List[str]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.label_name_to_description(w) for w in wnids]
+
+
+def imagenet100_class_names(names: Sequence[str], where: str) -> List[str]:
+    """Check a dataset's ClassLabel names are the ImageNet-100 classes (as wnids or as timm's
+    descriptions, any order) and return human-readable names in the dataset's label order."""
+    wnids = imagenet100_wnids()
+    descriptions = wnid_descriptions(wnids)
+    as_wnids = all(n.startswith("n") and n[1:].isdigit() for n in names)
+    expected = wnids if as_wnids else descriptions
+    missing = [e for e in expected if e not in set(names)]
+    extra = [n for n in names if n not in set(expected)]
+    if missing or extra or len(names) != len(expected):
+        raise DataError(
+            f"{where} is not ImageNet-100 (CMC list): {len(names)} classes; "
+            f"missing {_short(missing)}, unexpected {_short(extra)}"
+        )
+    return wnid_descriptions(names) if as_wnids else list(names)
+
+
+def _imagenet100(target: Optional[str], skip_bad, train_tf, eval_tf):
+    if target is None or os.path.isfile(os.path.join(target, "dataset_dict.json")):
+        source = target or IMAGENET100_HUB_ID
+        train, val, names = _hf_pair(source, train_tf, eval_tf, display=f"imagenet100 ({source})")
+        return train, val, imagenet100_class_names(names, f"imagenet100 ({source})"), 0
+    wnids = imagenet100_wnids()
+    train, val, _, skipped = _folder_pair(target, wnids, skip_bad, train_tf, eval_tf)
+    return train, val, wnid_descriptions(wnids), skipped
+
+
+def _short(items: Sequence[str], limit: int = 10) -> str:
+    items = list(items)
+    more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return "[" + ", ".join(items[:limit]) + "]" + more
