@@ -1,0 +1,1 @@
+"""The sweep driver: CLI subcommands, building the Tuner, resources, resume, the comparison report."""

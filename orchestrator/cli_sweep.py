@@ -1,0 +1,147 @@
+"""``vitsweep run | resume | report``: the sweep subcommands.
+
+`orchestrator.cli` (the ``vitsweep`` entry point) calls `add_sweep_commands(subparsers)`; each
+subcommand sets ``func(args) -> exit code`` (0 ok, 1 some trials errored, 2 bad input). Bad input is
+reported before Ray starts, naming the value. ``python -m orchestrator.cli_sweep ...`` runs the same
+commands without the rest of the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from finetune.config import ConfigError
+
+from .report import ReportError, write_report
+from .sweep import DEFAULT_STORAGE, apply_overrides, load_spec, resume_sweep, run_sweep
+
+
+def _parse_set(values: Optional[List[str]]) -> Dict[str, Any]:
+    fixed: Dict[str, Any] = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (VALUE in YAML, e.g. epochs=2, dilation=[1,2])")
+        fixed[key.strip()] = yaml.safe_load(raw)
+    return fixed
+
+
+def _print_outcome(outcome) -> int:
+    report = outcome.report
+    print()
+    print(report.table)
+    print()
+    print(f"experiment: {outcome.experiment_dir}")
+    print(f"report:     {report.markdown_path}  {report.csv_path}  {report.directory / 'plots'}")
+    print(f"tensorboard --logdir {outcome.experiment_dir}")
+    return 1 if outcome.num_errors else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.preset, args.config)
+    spec = apply_overrides(
+        spec,
+        num_samples=args.num_samples,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        max_concurrent=args.max_concurrent,
+        scheduler=args.scheduler,
+        searcher=args.searcher,
+        max_failures=args.max_failures,
+        fixed=_parse_set(args.set),
+    )
+    outcome = run_sweep(
+        spec, storage=args.storage, name=args.name, address=args.address, num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+    )
+    return _print_outcome(outcome)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    outcome = resume_sweep(args.directory, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    return _print_outcome(outcome)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    report = write_report(args.directory)
+    print(report.table)
+    print()
+    print(f"report: {report.markdown_path}  {report.csv_path}  {report.directory / 'plots'}")
+    print(f"tensorboard --logdir {report.directory}")
+    return 0
+
+
+def _guarded(func):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (ConfigError, ReportError) as err:
+            print(f"vitsweep {args.command}: error: {err}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def _local_resource_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="join a running Ray cluster (default: RAY_ADDRESS, else a local instance)")
+    parser.add_argument("--num-cpus", type=_positive_float, help="CPUs of the local instance (default: all)")
+    parser.add_argument("--num-gpus", type=_positive_float,
+                        help="GPUs of the local instance (default: CUDA devices torch sees)")
+
+
+def add_sweep_commands(subparsers) -> None:
+    """Register ``run``, ``resume`` and ``report`` on an argparse subparsers object."""
+    run = subparsers.add_parser("run", help="run a sweep with Ray Tune", description=run_help())
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="a preset from search_spaces.presets (smoke, imagenet100, scaling, ...)")
+    source.add_argument("--config", help="a sweep YAML file (schema: search_spaces/spec.py)")
+    run.add_argument("--storage", default=DEFAULT_STORAGE, help="results root (default ./ray_results, made absolute)")
+    run.add_argument("--name", help="experiment name (default <preset>-<timestamp>)")
+    run.add_argument("--num-samples", type=int, help="grid/random: repeats of the space; optuna: trials")
+    run.add_argument("--gpus-per-trial", type=_positive_float, help="GPUs per trial; fractions share a GPU (0.5)")
+    run.add_argument("--cpus-per-trial", type=_positive_float, help="CPUs per trial")
+    run.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    run.add_argument("--scheduler", choices=("fifo", "asha"), help="trial scheduler (ASHA stops weak trials early)")
+    run.add_argument("--searcher", choices=("grid", "random", "optuna"), help="search algorithm")
+    run.add_argument("--max-failures", type=int, help="retries of a failed trial from its last checkpoint")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a fixed TrainConfig value (repeatable; VALUE in YAML), e.g. --set epochs=1")
+    _local_resource_flags(run)
+    run.set_defaults(func=_guarded(cmd_run))
+
+    resume = subparsers.add_parser("resume", help="continue a stopped sweep from its trials' checkpoints")
+    resume.add_argument("directory", help="the experiment directory (STORAGE/NAME)")
+    _local_resource_flags(resume)
+    resume.set_defaults(func=_guarded(cmd_resume))
+
+    report = subparsers.add_parser("report", help="rebuild comparison.md/.csv and plots from an experiment on disk")
+    report.add_argument("directory", help="the experiment directory (STORAGE/NAME)")
+    report.set_defaults(func=_guarded(cmd_report))
+
+
+def run_help() -> str:
+    return ("Validate the sweep (every fixed value, both ends of every range) before Ray starts, then run it "
+            "with Ray Tune and write comparison.md, comparison.csv and plots/ into the experiment directory.")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="vitsweep", description="vitsweep sweep commands")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_sweep_commands(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Named sweeps, big_vision style: each preset composes the variant modules and the optimiser space in
+a few lines. YAML files in this directory are presets too (``--preset smoke_asha`` reads
+``smoke_asha.yaml``); any other YAML file is passed with ``--config FILE`` (schema: `search_spaces.spec`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import yaml
+
+from finetune.config import ConfigError
+
+from .. import atrous_linear, linformer, nystrom, optim, performer, softmax
+from ..spec import SweepSpec
+
+PRESET_DIR = Path(__file__).parent
+
+
+def smoke() -> dict:
+    """Offline, CPU, minutes: every variant once on a small synthetic task (vit_tiny, 32 px, 8x8 grid)."""
+    return {
+        "name": "smoke",
+        "fixed": {
+            "model": "vit_tiny_patch16_224", "pretrained": False, "pretrained_tag": None,
+            "img_size": 32, "patch_size": 4, "augment": "none", "num_workers": 0,
+            "data": "synthetic:classes=10,size=32,n=800,n_val=200",
+            "epochs": 3, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 0.5,
+            "device": "auto", "precision": "fp32",
+        },
+        "variants": [
+            softmax.block(),
+            linformer.block(ranks=(16,)),
+            performer.block(features=(32,)),
+            nystrom.block(landmarks=(16,)),
+            atrous_linear.block(dilations=((1, 2, 3),), window=3, features=16),
+        ],
+        "seeds": [0],
+        "searcher": "grid",
+        "resources": {"cpu": 1, "gpu": 0},
+        "max_failures": 1,
+    }
+
+
+def imagenet100() -> dict:
+    """The study: pretrained ViT-S/16 (in21k) on ImageNet-100, every variant, a small grid, 3 seeds."""
+    return {
+        "name": "imagenet100",
+        "fixed": {
+            "model": "vit_small_patch16_224", "pretrained": True, "data": "imagenet100",
+            "epochs": 30, "batch_size": 128, "weight_decay": 0.05, "warmup_epochs": 3,
+            "precision": "bf16", "num_workers": 8, "layer_decay": 0.75, "drop_path": 0.1,
+        },
+        "search": optim.grid(lr=(5e-4, 1e-3)),
+        "variants": [
+            softmax.block(),
+            linformer.block(ranks=(64, 128)),
+            performer.block(features=(64, 128)),
+            nystrom.block(landmarks=(32, 64)),
+            atrous_linear.block(dilations=((1, 2, 3), (1, 2)), window=3, features=64),
+        ],
+        "seeds": [0, 1, 2],
+        "resources": {"cpu": 8, "gpu": 1},
+        "max_failures": 2,
+    }
+
+
+def scaling() -> dict:
+    """More tokens: the same variants at 224, 320 and 448 px (197, 401, 785 tokens)."""
+    spec = imagenet100()
+    spec["name"] = "scaling"
+    spec["fixed"] = {**spec["fixed"], "epochs": 10, "batch_size": 64, "lr": 1e-3}
+    spec["search"] = {"img_size": {"grid": [224, 320, 448]}}
+    spec["variants"] = [
+        softmax.block(),
+        linformer.block(ranks=(128,)),
+        performer.block(features=(128,)),
+        nystrom.block(landmarks=(64,)),
+        atrous_linear.block(dilations=((1, 2, 3),), window=3, features=64),
+    ]
+    spec["seeds"] = [0]
+    return spec
+
+
+def optuna_smoke() -> dict:
+    """The smoke task searched by Optuna TPE over variants and the optimiser space (conditional)."""
+    spec = smoke()
+    spec["name"] = "optuna_smoke"
+    spec["fixed"] = {k: v for k, v in spec["fixed"].items() if k not in ("lr", "weight_decay", "warmup_epochs")}
+    spec["search"] = optim.space(lr=(1e-4, 3e-3), warmup_epochs=(0.0, 0.5))
+    spec["variants"] = [
+        softmax.block(),
+        linformer.block(ranks=(8, 16, 32)),
+        performer.block(features=(16, 32)),
+        atrous_linear.block(dilations=((1, 2, 3), (1, 1, 2)), window=3, features=16),
+    ]
+    spec["searcher"] = "optuna"
+    spec["num_samples"] = 8
+    return spec
+
+
+PRESETS: Dict[str, Callable[[], dict]] = {
+    "smoke": smoke,
+    "imagenet100": imagenet100,
+    "scaling": scaling,
+    "optuna_smoke": optuna_smoke,
+}
+
+
+def preset_names() -> List[str]:
+    return sorted(set(PRESETS) | {p.stem for p in PRESET_DIR.glob("*.yaml")})
+
+
+def get_preset(name: str) -> SweepSpec:
+    """A preset by name (Python function or YAML file in this directory)."""
+    if name in PRESETS:
+        return SweepSpec.from_dict(PRESETS[name](), source=f"preset:{name}")
+    path = PRESET_DIR / f"{name}.yaml"
+    if path.is_file():
+        return load_config_file(path, source=f"preset:{name}")
+    names = preset_names()
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"unknown preset {name!r}{hint}; available: {', '.join(names)}")
+
+
+def load_config_file(path: str | Path, source: str | None = None) -> SweepSpec:
+    """A sweep from a YAML file (schema in `search_spaces.spec`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {str(path)!r}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {str(path)!r} is not valid YAML: {err}") from err
+    return SweepSpec.from_dict(values, source=source or f"config:{path.resolve()}")

@@ -1,0 +1,269 @@
+"""`SweepSpec`: one sweep as data (fixed TrainConfig values, domains, variants, seeds, how to search).
+
+Presets (Python modules in `search_spaces.presets`) and YAML files passed with ``--config`` both end up
+here through `SweepSpec.from_dict`, so they share one schema and one validator:
+
+.. code-block:: yaml
+
+    name: my_sweep                 # default experiment name
+    fixed:                         # TrainConfig keys (see finetune.config.TrainConfig), same for every trial
+      model: vit_tiny_patch16_224
+      pretrained: false
+      img_size: 32
+      patch_size: 4
+      data: "synthetic:classes=10,size=32,n=800,n_val=200"
+      epochs: 3
+    search:                        # shared domains (every variant): {grid|choice: [...]},
+      lr: {loguniform: [1.0e-4, 3.0e-3]}   # {uniform|loguniform|randint: [low, high]}
+    variants:                      # a name, or a block with the variant's own fixed values / domains
+      - softmax
+      - {variant: linformer, search: {rank: {grid: [16, 32]}}}
+      - {variant: atrous_linear, fixed: {window: 3}, search: {dilation: {choice: [[1, 2], [1, 2, 3]]}}}
+    seeds: [0, 1, 2]               # every configuration is run once per seed (grouped in the report)
+    searcher: grid                 # grid | random | optuna
+    scheduler: fifo                # fifo | asha
+    asha: {grace_period: 1, reduction_factor: 2}
+    num_samples: 1                 # grid/random: repeats of the whole space; optuna: number of trials
+    metric: val/acc1
+    mode: max
+    resources: {cpu: 1, gpu: 0}    # per trial; gpu may be a fraction (0.5 = two trials per GPU)
+    max_concurrent: null           # at most this many trials at once (null: as resources allow)
+    max_failures: 2                # retries of a failed trial, from its last checkpoint
+    num_to_keep: 2                 # checkpoints kept per trial (best by val/acc1)
+
+`grid` and `random` expand through Tune's own generator (``tune.grid_search`` over variant blocks, each
+block's domains resolved inside it); `optuna` uses a define-by-run function (see `search_spaces.tune_space`)
+so a variant's own hyperparameters exist only in trials of that variant.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+from finetune.config import VARIANTS, ConfigError
+
+from .domains import Domain
+
+SEARCHERS = ("grid", "random", "optuna")
+SCHEDULERS = ("fifo", "asha")
+MODES = ("max", "min")
+TOP_LEVEL_KEYS = (
+    "name", "fixed", "search", "variants", "seeds", "searcher", "scheduler", "asha", "num_samples",
+    "metric", "mode", "resources", "max_concurrent", "max_failures", "num_to_keep",
+)
+BLOCK_KEYS = ("variant", "fixed", "search", "label")
+ASHA_KEYS = ("grace_period", "reduction_factor", "max_t")
+RESOURCE_KEYS = ("cpu", "gpu")
+
+
+def _unknown(where: str, keys, allowed) -> None:
+    bad = [k for k in keys if k not in allowed]
+    if bad:
+        hints = []
+        for k in bad:
+            close = difflib.get_close_matches(str(k), list(allowed), n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(hints)}; allowed: {', '.join(allowed)}")
+
+
+def _choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), list(allowed), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is not allowed{hint}; allowed: {', '.join(allowed)}")
+
+
+def _split(where: str, values: Optional[Mapping[str, Any]]) -> Dict[str, Domain]:
+    """Parse a ``search:`` mapping; every value must be a domain."""
+    values = values or {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must be a mapping of config key -> domain, got {values!r}")
+    return {k: Domain.parse(k, v) for k, v in values.items()}
+
+
+@dataclass
+class VariantBlock:
+    """One attention variant with its own fixed values and domains; `label` names it in tables."""
+
+    variant: str
+    fixed: Dict[str, Any] = field(default_factory=dict)
+    search: Dict[str, Domain] = field(default_factory=dict)
+    label: str = ""
+
+    @classmethod
+    def from_value(cls, value: Any, index: int) -> "VariantBlock":
+        if isinstance(value, str):
+            value = {"variant": value}
+        if not isinstance(value, Mapping) or "variant" not in value:
+            raise ConfigError(f"variants[{index}]={value!r}: give a variant name or a mapping with 'variant:'")
+        _unknown(f"variants[{index}]", value, BLOCK_KEYS)
+        variant = value["variant"]
+        _choice(f"variants[{index}].variant", variant, VARIANTS)
+        fixed = dict(value.get("fixed") or {})
+        if "variant" in fixed or "variant" in (value.get("search") or {}):
+            raise ConfigError(f"variants[{index}]: set the variant with 'variant:', not inside fixed/search")
+        search = _split(f"variants[{index}].search", value.get("search"))
+        return cls(variant=variant, fixed=fixed, search=search, label=value.get("label") or variant)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "variant": self.variant,
+            "label": self.label,
+            "fixed": copy.deepcopy(self.fixed),
+            "search": {k: d.to_spec() for k, d in self.search.items()},
+        }
+
+
+@dataclass
+class SweepSpec:
+    """A whole sweep; build with `from_dict`, check with `search_spaces.validate.validate_spec`."""
+
+    name: str
+    fixed: Dict[str, Any]
+    search: Dict[str, Domain]
+    variants: List[VariantBlock]
+    seeds: List[int] = field(default_factory=lambda: [0])
+    searcher: str = "grid"
+    scheduler: str = "fifo"
+    asha: Dict[str, Any] = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
+    num_samples: int = 1
+    metric: str = "val/acc1"
+    mode: str = "max"
+    resources: Dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    max_concurrent: Optional[int] = None
+    max_failures: int = 0
+    num_to_keep: int = 2
+    source: str = ""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "") -> "SweepSpec":
+        """Parse the YAML/preset schema in this module's docstring; structural errors raise ConfigError."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source or 'sweep config'}: expected a mapping at the top level, got {values!r}")
+        _unknown(source or "sweep config", values, TOP_LEVEL_KEYS)
+        fixed = dict(values.get("fixed") or {})
+        if not isinstance(fixed, dict):
+            raise ConfigError(f"fixed must be a mapping of TrainConfig keys, got {fixed!r}")
+        variants_raw = values.get("variants")
+        if variants_raw is None:
+            variants_raw = [fixed.pop("variant", "softmax")]
+        elif "variant" in fixed:
+            raise ConfigError("give the variant either in fixed: or as variants:, not both")
+        if not isinstance(variants_raw, (list, tuple)) or not variants_raw:
+            raise ConfigError(f"variants must be a non-empty list, got {variants_raw!r}")
+        variants = [VariantBlock.from_value(v, i) for i, v in enumerate(variants_raw)]
+        labels = [b.label for b in variants]
+        duplicates = sorted({l for l in labels if labels.count(l) > 1})
+        if duplicates:
+            raise ConfigError(f"variant labels must be unique; repeated: {duplicates} (add label: to the blocks)")
+        search = _split("search", values.get("search"))
+        if "variant" in search:
+            raise ConfigError("search over variants with the variants: list, not search.variant")
+        seeds = values.get("seeds", [0])
+        if isinstance(seeds, int):
+            seeds = [seeds]
+        if (
+            not isinstance(seeds, (list, tuple)) or not seeds
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+        ):
+            raise ConfigError(f"seeds={seeds!r} must be a non-empty list of integers >= 0")
+        if "seed" in fixed or "seed" in search:
+            raise ConfigError("set seeds with the top-level seeds: list, not fixed.seed/search.seed")
+        spec = cls(name=values.get("name") or "sweep", fixed=fixed, search=search, variants=variants,
+                   seeds=list(seeds), source=source)
+        for key in ("searcher", "scheduler", "num_samples", "metric", "mode", "max_concurrent",
+                    "max_failures", "num_to_keep"):
+            if key in values:
+                setattr(spec, key, values[key])
+        if "asha" in values:
+            asha = dict(values["asha"] or {})
+            _unknown("asha", asha, ASHA_KEYS)
+            spec.asha = {**spec.asha, **asha}
+        if "resources" in values:
+            resources = dict(values["resources"] or {})
+            _unknown("resources", resources, RESOURCE_KEYS)
+            spec.resources = {**spec.resources, **resources}
+        spec.check_options()
+        return spec
+
+    def check_options(self) -> None:
+        """Checks of the sweep-level options (not of TrainConfig values; see validate_spec for those)."""
+        _choice("searcher", self.searcher, SEARCHERS)
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        _choice("mode", self.mode, MODES)
+        for key in ("num_samples", "num_to_keep"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key}={value!r} must be a positive integer")
+        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise ConfigError(f"max_failures={self.max_failures!r} must be an integer >= 0 (or -1: retry forever)")
+        if self.max_concurrent is not None and (
+            isinstance(self.max_concurrent, bool) or not isinstance(self.max_concurrent, int) or self.max_concurrent < 1
+        ):
+            raise ConfigError(f"max_concurrent={self.max_concurrent!r} must be a positive integer (or null)")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ConfigError(f"metric={self.metric!r} must be a metric name such as 'val/acc1'")
+        for key in ("grace_period", "reduction_factor"):
+            value = self.asha.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"asha.{key}={value!r} must be a positive integer")
+        if self.asha["reduction_factor"] < 2:
+            raise ConfigError(f"asha.reduction_factor={self.asha['reduction_factor']} must be >= 2")
+        cpu, gpu = self.resources.get("cpu"), self.resources.get("gpu")
+        if isinstance(cpu, bool) or not isinstance(cpu, (int, float)) or cpu <= 0:
+            raise ConfigError(f"cpus per trial={cpu!r} must be a number > 0")
+        if isinstance(gpu, bool) or not isinstance(gpu, (int, float)) or gpu < 0:
+            raise ConfigError(f"gpus per trial={gpu!r} must be a number >= 0")
+        if gpu > 1 and gpu != int(gpu):
+            raise ConfigError(f"gpus per trial={gpu}: above 1 it must be a whole number (Ray packs fractions <= 1 only)")
+        if self.searcher == "optuna":
+            if len(self.seeds) > 1:
+                raise ConfigError(
+                    f"seeds={self.seeds}: optuna samples one configuration per trial; repeat seeds with "
+                    "searcher grid or random"
+                )
+            grids = [d.key for d in self.domains() if d.is_grid]
+            if grids and self.num_samples < 2:
+                raise ConfigError(
+                    f"searcher=optuna treats grid domains {grids} as categorical: set num_samples > 1"
+                )
+
+    def domains(self) -> List[Domain]:
+        return list(self.search.values()) + [d for b in self.variants for d in b.search.values()]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The YAML/JSON shape (what `from_dict` reads), for the experiment marker file."""
+        return {
+            "name": self.name,
+            "fixed": copy.deepcopy(self.fixed),
+            "search": {k: d.to_spec() for k, d in self.search.items()},
+            "variants": [b.to_dict() for b in self.variants],
+            "seeds": list(self.seeds),
+            "searcher": self.searcher,
+            "scheduler": self.scheduler,
+            "asha": dict(self.asha),
+            "num_samples": self.num_samples,
+            "metric": self.metric,
+            "mode": self.mode,
+            "resources": dict(self.resources),
+            "max_concurrent": self.max_concurrent,
+            "max_failures": self.max_failures,
+            "num_to_keep": self.num_to_keep,
+        }
+
+    def override(self, **changes: Any) -> "SweepSpec":
+        """A copy with sweep options changed (CLI flags); `fixed` entries merge, the rest replace."""
+        values = self.to_dict()
+        for key, value in changes.items():
+            if value is None:
+                continue
+            if key == "fixed":
+                values["fixed"] = {**values["fixed"], **value}
+            elif key == "resources":
+                values["resources"] = {**values["resources"], **value}
+            else:
+                values[key] = value
+        return SweepSpec.from_dict(values, source=self.source)

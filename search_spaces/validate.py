@@ -1,0 +1,120 @@
+"""Validate a whole sweep before Ray starts: every fixed value, both ends of every range, every listed
+value, against TrainConfig and against the model's geometry (`finetune.train.check_config`), plus the
+per-trial resources against what the cluster offers.
+
+Nothing here imports Ray: a bad sweep fails in the driver in well under a second, naming the value.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, Iterator, List, Optional
+
+from finetune.config import ConfigError, TrainConfig
+
+from .domains import Domain
+from .spec import SweepSpec, VariantBlock
+
+# Above this many extreme-value combinations per variant, each domain is checked on its own.
+MAX_COMBINATIONS = 64
+# Keys that TrainConfig.validate checks completely and that play no part in model geometry, data or
+# device: configurations that differ only in these share one (slower) `check_config` call.
+OPTIMISATION_KEYS = (
+    "lr", "min_lr", "weight_decay", "warmup_epochs", "layer_decay", "label_smoothing", "mixup", "cutmix",
+    "clip_grad", "seed", "epochs", "batch_size", "drop_path", "log_interval",
+)
+
+
+def _combinations(domains: List[Domain]) -> Iterator[Dict[str, Any]]:
+    """Every combination of extreme values, or one domain at a time when that would be too many."""
+    sizes = [len(d.extremes()) for d in domains]
+    total = 1
+    for s in sizes:
+        total *= s
+    if total <= MAX_COMBINATIONS:
+        for values in itertools.product(*(d.extremes() for d in domains)):
+            yield {d.key: v for d, v in zip(domains, values)}
+        return
+    base = {d.key: d.extremes()[0] for d in domains}
+    for d in domains:
+        for v in d.extremes():
+            yield {**base, d.key: v}
+
+
+def _describe(combo: Dict[str, Any], block: VariantBlock) -> str:
+    if not combo:
+        return f"variant {block.label!r}"
+    shown = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v!r}" for k, v in combo.items())
+    return f"variant {block.label!r} with {shown}"
+
+
+def trial_configs(spec: SweepSpec) -> Iterator[tuple]:
+    """(block, combo, flat TrainConfig dict) for every extreme-value combination of every block."""
+    for block in spec.variants:
+        domains = list(spec.search.values()) + list(block.search.values())
+        for combo in _combinations(domains):
+            flat = {**spec.fixed, **block.fixed, "variant": block.variant, "seed": spec.seeds[0], **combo}
+            yield block, combo, flat
+
+
+def validate_spec(spec: SweepSpec, check_geometry: bool = True) -> List[TrainConfig]:
+    """Raise ConfigError (naming the variant, the key and the value) for the first bad value.
+
+    Returns the checked TrainConfigs (one per extreme-value combination per variant).
+    """
+    from finetune.train import check_config
+
+    spec.check_options()
+    checked: List[TrainConfig] = []
+    geometry_checked = set()
+    for block, combo, flat in trial_configs(spec):
+        try:
+            cfg = TrainConfig.from_dict(flat)
+            key = repr(sorted((k, v) for k, v in cfg.to_dict().items() if k not in OPTIMISATION_KEYS))
+            if check_geometry and key not in geometry_checked:
+                check_config(cfg)
+                geometry_checked.add(key)
+        except ConfigError as err:
+            raise ConfigError(f"{_describe(combo, block)}: {err}") from None
+        except ValueError as err:  # attention hyperparameter errors (AttentionConfigError) are ValueErrors
+            raise ConfigError(f"{_describe(combo, block)}: {err}") from None
+        checked.append(cfg)
+    epochs = {c.epochs for c in checked}
+    max_t = spec.asha.get("max_t")
+    if spec.scheduler == "asha" and max_t is not None and max_t > max(epochs):
+        raise ConfigError(f"asha.max_t={max_t} exceeds epochs={max(epochs)}: trials stop before reaching it")
+    return checked
+
+
+def validate_resources(spec: SweepSpec, available_cpus: float, available_gpus: float) -> None:
+    """Per-trial resources must fit the cluster (or the local instance about to be started)."""
+    cpu, gpu = spec.resources["cpu"], spec.resources["gpu"]
+    if gpu > available_gpus:
+        raise ConfigError(
+            f"gpus per trial={gpu} but the cluster has {available_gpus:g} GPU(s); lower --gpus-per-trial, "
+            "declare GPUs with --num-gpus, or join a cluster that has them with --address"
+        )
+    if cpu > available_cpus:
+        raise ConfigError(
+            f"cpus per trial={cpu} but the cluster has {available_cpus:g} CPU(s); lower --cpus-per-trial"
+        )
+
+
+def count_trials(spec: SweepSpec) -> Optional[int]:
+    """How many trials grid expansion makes (None for optuna, where it is num_samples)."""
+    if spec.searcher == "optuna":
+        return spec.num_samples
+    shared = 1
+    for d in spec.search.values():
+        if d.is_grid and spec.searcher == "grid":
+            shared *= len(d.args)
+    if spec.searcher == "random":
+        return shared * len(spec.seeds) * spec.num_samples
+    per_block = 0
+    for block in spec.variants:
+        n = 1
+        for d in block.search.values():
+            if d.is_grid:
+                n *= len(d.args)
+        per_block += n
+    return shared * per_block * len(spec.seeds) * spec.num_samples

@@ -1,0 +1,94 @@
+"""The Ray Tune function trainable: a trial config -> `finetune.train.run_training`, one
+``tune.report(metrics, checkpoint=...)`` per epoch, resumed from ``tune.get_checkpoint()``.
+
+Everything Ray-specific lives here, as a `Callback`; the training loop never sees Ray. Data is built
+inside the trial (nothing large travels through the object store). Each trial writes its run outputs
+(result.json, weights, preprocessing.json, TensorBoard events under tb/) to ``<trial dir>/run/`` — a
+subdirectory, because Tune itself writes ``result.json`` (its JSON-lines log) in the trial directory.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Dict
+
+import torch
+from ray import tune
+
+from finetune.callbacks import Callback, TrainState
+from finetune.checkpoint import save_checkpoint
+from finetune.config import TrainConfig
+from finetune.train import run_training
+
+from .layout import LABEL_KEY, ARCH_KEY, flatten_trial_config
+
+RUN_SUBDIR = "run"
+
+
+def reportable(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Metrics Tune can store and compare: non-finite floats become None and are listed under
+    ``nonfinite`` (a NaN loss must not reach a scheduler's comparison or a checkpoint ranking)."""
+    clean: Dict[str, Any] = {}
+    nonfinite = []
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            clean[key] = None
+            nonfinite.append(key)
+        else:
+            clean[key] = value
+    if nonfinite:
+        clean["nonfinite"] = ",".join(sorted(nonfinite))
+    return clean
+
+
+class TuneReportCallback(Callback):
+    """After every epoch: write a training checkpoint to a temp dir and report it with the metrics."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def on_epoch_end(self, state: TrainState, metrics: Dict[str, Any]) -> None:
+        metrics = {**reportable(metrics), "variant_label": self.label}
+        if metrics.get("status") == "diverged":
+            # A diverged model is not worth restoring; the loop stops after this epoch.
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="vitsweep-ckpt-") as directory:
+            save_checkpoint(state, directory)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def train_vit(config: Dict[str, Any]) -> None:
+    """Ray Tune function trainable for one configuration (layout: `trainables.layout`)."""
+    cfg = TrainConfig.from_dict(flatten_trial_config(config))
+    label = (config.get(ARCH_KEY) or {}).get(LABEL_KEY) or cfg.variant
+    out_dir = os.path.join(tune.get_context().get_trial_dir(), RUN_SUBDIR)
+    checkpoint = tune.get_checkpoint()
+    restore_dir = None
+    try:
+        if checkpoint is not None:
+            restore_dir = tempfile.mkdtemp(prefix="vitsweep-restore-")
+            checkpoint.to_directory(restore_dir)
+        run_training(
+            cfg,
+            out_dir,
+            callbacks=[TuneReportCallback(label)],
+            resume_from=restore_dir,
+            progress=False,
+            local_checkpoints=False,
+        )
+    finally:
+        if restore_dir is not None:
+            shutil.rmtree(restore_dir, ignore_errors=True)
+        release_memory()
+
+
+def release_memory() -> None:
+    """Return cached GPU memory before the trial's actor goes (reuse_actors=False ends the process too)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
