@@ -106,7 +106,7 @@ def test_normalize_round_trip_and_matches_torchvision():
 
 
 def test_resolve_preprocessing_from_pretrained_cfg():
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
     p = resolve_preprocessing(model, None)
     cfg = model.pretrained_cfg
     assert p.input_size == (3, 224, 224)
@@ -115,7 +115,7 @@ def test_resolve_preprocessing_from_pretrained_cfg():
     )
     assert resolve_preprocessing(model, 64).input_size == (3, 64, 64)
     # a ViT built for 32 px takes 32 px inputs even though its pretrained_cfg says 224
-    small = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4)
+    small = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=1)
     assert resolve_preprocessing(small, None).input_size == (3, 32, 32)
 
 
@@ -181,7 +181,16 @@ def test_synthetic_bundle_and_seed():
     assert torch.equal(pinned[0].train[3][0], pinned[1].train[3][0])
 
 
-def test_synthetic_is_learnable_by_a_small_vit():
+@pytest.fixture
+def one_thread():
+    """A tiny model is fastest on one thread; two threads on a busy 2-core box spin ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_synthetic_is_learnable_by_a_small_vit(one_thread):
     """12 classes (each colour in two shapes, so colour alone is not enough): a 2-block ViT gets far
     above chance (1/12) in three short epochs."""
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from matplotlib.figure import Figure
@@ -39,7 +39,7 @@ def plot_grid(
         ax.axis("off")
         if i < n:
             ax.imshow(pixels[i], interpolation="nearest")
-            name = class_names[labels[i]]
+            name = class_names[int(labels[i])]
             ax.set_title(name if len(name) <= 22 else name[:21] + "…", fontsize=7)
     fig.tight_layout()
     if path is not None:
