@@ -1,6 +1,7 @@
 """finetune.data: spec parsing, preprocessing, synthetic source, loaders, plots (offline, CPU)."""
 
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -48,6 +49,7 @@ def test_parse_specs():
     assert parse_data_spec("hf:user/ds").target == "user/ds"
     assert parse_data_spec("imagenet100").target is None
     assert parse_data_spec("imagenet100:/x/y").target == "/x/y"
+    assert parse_data_spec("imagefolder:~/pics").target == os.path.expanduser("~/pics")
 
 
 @pytest.mark.parametrize(

@@ -133,8 +133,10 @@ def _folder_pair(root, classes, skip_bad, train_tf, eval_tf):
         for split, (d, found) in splits.items():
             missing = [c for c in classes if c not in set(found)]
             if missing:
+                hint = " (ImageNet's val/ must be sorted into wnid folders first)" if len(missing) == len(classes) else ""
                 raise DataError(
-                    f"{d!r} lacks {len(missing)} of the {len(classes)} required class folders: {_short(missing)}"
+                    f"{d!r} lacks {len(missing)} of the {len(classes)} required class folders: "
+                    f"{_short(missing)}{hint}"
                 )
     class_to_idx = {c: i for i, c in enumerate(classes)}
     skipped, datasets_ = 0, []
@@ -182,7 +184,7 @@ def load_dataset_dict(target: str):
 
     if is_local_path(target):
         check_saved_dataset_dir(target)
-        return datasets.load_from_disk(os.path.expanduser(target))
+        return datasets.load_from_disk(target)
     try:
         return datasets.load_dataset(target)
     except OSError as e:  # DatasetNotFoundError, ConnectionError and offline mode are all OSErrors

@@ -63,6 +63,8 @@ def parse_data_spec(spec: str) -> DataSpec:
         raise DataError(f"data spec {spec!r} needs a target: '{kind}:<{what}>'")
     if kind == "imagenet100" and sep and not rest:
         raise DataError(f"data spec {spec!r} has an empty directory; use 'imagenet100' or 'imagenet100:<dir>'")
+    if rest.startswith("~"):
+        rest = os.path.expanduser(rest)
     return DataSpec(kind, rest or None, {})
 
 
@@ -100,7 +102,7 @@ def check_data_spec(spec: str) -> DataSpec:
 
 def is_local_path(target: str) -> bool:
     """A hub id never starts with '/', '.' or '~'; anything existing on disk is local too."""
-    return os.path.exists(os.path.expanduser(target)) or target.startswith(("/", ".", "~"))
+    return os.path.exists(target) or target.startswith(("/", ".", "~"))
 
 
 def check_imagefolder_dir(root: str) -> None:
@@ -116,10 +118,9 @@ def check_imagefolder_dir(root: str) -> None:
 
 def check_saved_dataset_dir(root: str) -> None:
     """`root` must hold a DatasetDict written by save_to_disk with a train and a validation split."""
-    path = os.path.expanduser(root)
-    if not os.path.isdir(path):
+    if not os.path.isdir(root):
         raise DataError(f"dataset directory {root!r} does not exist")
-    meta = os.path.join(path, "dataset_dict.json")
+    meta = os.path.join(root, "dataset_dict.json")
     if not os.path.isfile(meta):
         raise DataError(
             f"{root!r} is not a DatasetDict saved with save_to_disk (no dataset_dict.json); "
