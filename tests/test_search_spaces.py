@@ -1,0 +1,269 @@
+"""Search spaces, presets, the YAML schema and validation before Ray starts (no Ray instance here)."""
+
+from __future__ import annotations
+
+import pickle
+import textwrap
+
+import optuna
+import pytest
+
+from finetune.config import ConfigError, TrainConfig
+from search_spaces import Domain, SweepSpec, count_trials, get_preset, load_config_file, preset_names, validate_spec
+from search_spaces.validate import validate_resources
+from trainables.layout import flatten_trial_config, trial_label
+
+TINY = {
+    "model": "vit_tiny_patch16_224", "pretrained": False, "pretrained_tag": None, "img_size": 32, "patch_size": 4,
+    "data": "synthetic:classes=4,size=32,n=32,n_val=16", "epochs": 3, "num_workers": 0,
+}  # 8x8 grid + CLS = 65 tokens
+
+
+def spec_of(**values) -> SweepSpec:
+    return SweepSpec.from_dict({"fixed": dict(TINY), **values})
+
+
+# ------------------------------------------------------------------------------------------ presets
+@pytest.mark.parametrize("name", ["smoke", "smoke_asha", "optuna_smoke", "imagenet100", "scaling"])
+def test_every_preset_parses_and_validates(name):
+    spec = get_preset(name)
+    checked = validate_spec(spec)
+    assert checked and all(isinstance(c, TrainConfig) for c in checked)
+    assert name in preset_names()
+
+
+def test_smoke_preset_covers_every_variant_offline_on_cpu():
+    spec = get_preset("smoke")
+    assert sorted(b.variant for b in spec.variants) == sorted(
+        ["softmax", "linformer", "performer", "nystrom", "atrous_linear"])
+    assert spec.fixed["data"].startswith("synthetic") and spec.fixed["pretrained"] is False
+    assert spec.fixed["num_workers"] == 0 and spec.resources == {"cpu": 1, "gpu": 0}
+    assert count_trials(spec) == 5
+
+
+def test_imagenet100_preset_is_the_study():
+    spec = get_preset("imagenet100")
+    assert spec.fixed["model"] == "vit_small_patch16_224" and spec.fixed["pretrained"] is True
+    assert spec.fixed["data"] == "imagenet100" and spec.seeds == [0, 1, 2]
+    assert len({b.variant for b in spec.variants}) == 5
+    # 1 softmax + 2 ranks + 2 feature counts + 2 landmark counts + 2 dilation sets, x 2 lrs x 3 seeds
+    assert count_trials(spec) == 9 * 2 * 3
+
+
+def test_unknown_preset_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown preset 'smok' \(did you mean 'smoke'\?\)"):
+        get_preset("smok")
+
+
+# ------------------------------------------------------------------------------------------ domains
+def test_domains_parse_and_convert():
+    d = Domain.parse("lr", {"loguniform": [1e-4, 1e-2]})
+    assert d.extremes() == [1e-4, 1e-2]
+    assert type(d.to_tune()).__name__ == "Float"
+    assert Domain.parse("rank", {"grid": [8, 16]}).to_tune() == {"grid_search": [8, 16]}
+    r = Domain.parse("rank", {"randint": [8, 16]}).to_tune()
+    assert (r.lower, r.upper) == (8, 17)  # inclusive high in the schema, exclusive in Tune
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"loguniform": [1e-2, 1e-4]}, r"bounds are reversed or equal \(low=0.01 must be < high=0.0001\)"),
+        ({"uniform": [1, 1]}, r"low=1 must be < high=1"),
+        ({"loguniform": [0, 1]}, r"low=0 must be > 0"),
+        ({"logunifrom": [1e-4, 1e-2]}, r"unknown domain 'logunifrom' \(did you mean 'loguniform'\?\)"),
+        ({"randint": [1.5, 3]}, r"must be integers"),
+        ({"grid": []}, r"non-empty list"),
+        ({"uniform": [1, 2, 3]}, r"exactly \[low, high\]"),
+    ],
+)
+def test_bad_domains_are_rejected_naming_the_value(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        Domain.parse("lr", spec)
+
+
+# ------------------------------------------------------------------------------------------ validation
+def test_unknown_config_keys_are_named_with_suggestions():
+    with pytest.raises(ConfigError, match=r"'lrr' \(did you mean 'lr'\?\)"):
+        validate_spec(spec_of(search={"lrr": {"grid": [1e-3]}}))
+    with pytest.raises(ConfigError, match=r"'ranks' \(did you mean 'rank'\?\)"):
+        validate_spec(spec_of(variants=[{"variant": "linformer", "fixed": {"ranks": 8}}]))
+    with pytest.raises(ConfigError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
+        validate_spec(SweepSpec.from_dict({"fixed": {**TINY, "epoch": 2}}))
+    with pytest.raises(ConfigError, match=r"'variant' \(did you mean 'variants'\?\)"):
+        SweepSpec.from_dict({"fixed": TINY, "variant": ["softmax"]})
+
+
+def test_unknown_variant_is_named():
+    with pytest.raises(ConfigError, match=r"variants\[1\].variant='linformr' is not allowed \(did you mean 'linformer'\?\)"):
+        spec_of(variants=["softmax", "linformr"])
+
+
+def test_rank_range_beyond_the_token_count_is_rejected():
+    validate_spec(spec_of(variants=[{"variant": "linformer", "search": {"rank": {"randint": [8, 64]}}}]))
+    with pytest.raises(ConfigError, match=r"variant 'linformer' with rank=65.*65 tokens"):
+        validate_spec(spec_of(variants=[{"variant": "linformer", "search": {"rank": {"randint": [8, 65]}}}]))
+    with pytest.raises(ConfigError, match=r"rank=128"):
+        validate_spec(spec_of(variants=[{"variant": "linformer", "search": {"rank": {"grid": [16, 128]}}}]))
+
+
+def test_dilation_that_does_not_fit_the_grid_is_rejected():
+    ok = {"variant": "atrous_linear", "fixed": {"window": 3, "features": 16},
+          "search": {"dilation": {"grid": [[1, 2, 3]]}}}
+    validate_spec(spec_of(variants=[ok]))
+    bad = {**ok, "search": {"dilation": {"grid": [[1, 2, 3], [1, 2, 8]]}}}
+    with pytest.raises(ConfigError, match=r"variant 'atrous_linear' with dilation=\[1, 2, 8\]"):
+        validate_spec(spec_of(variants=[bad]))
+
+
+def test_both_ends_of_a_shared_range_are_checked():
+    # warmup_epochs must stay below epochs=3: the range's high end is what fails.
+    with pytest.raises(ConfigError, match=r"warmup_epochs=5"):
+        validate_spec(spec_of(search={"warmup_epochs": {"uniform": [0.0, 5.0]}}))
+
+
+def test_bad_sweep_options_are_named():
+    with pytest.raises(ConfigError, match=r"searcher='bayes' is not allowed"):
+        spec_of(searcher="bayes")
+    with pytest.raises(ConfigError, match=r"scheduler='ashaa' is not allowed \(did you mean 'asha'\?\)"):
+        spec_of(scheduler="ashaa")
+    with pytest.raises(ConfigError, match=r"gpus per trial=1.5: above 1 it must be a whole number"):
+        spec_of(resources={"gpu": 1.5})
+    with pytest.raises(ConfigError, match=r"seeds=\[0, 1\]: optuna samples one configuration"):
+        spec_of(searcher="optuna", num_samples=4, seeds=[0, 1])
+    with pytest.raises(ConfigError, match=r"num_samples=0"):
+        spec_of(num_samples=0)
+
+
+def test_resources_beyond_the_cluster_are_rejected():
+    spec = spec_of(resources={"cpu": 1, "gpu": 2})
+    with pytest.raises(ConfigError, match=r"gpus per trial=2 but the cluster has 0 GPU"):
+        validate_resources(spec, available_cpus=2, available_gpus=0)
+    validate_resources(spec, available_cpus=2, available_gpus=2)
+    with pytest.raises(ConfigError, match=r"cpus per trial=4 but the cluster has 2 CPU"):
+        validate_resources(spec_of(resources={"cpu": 4}), available_cpus=2, available_gpus=0)
+
+
+# ------------------------------------------------------------------------------------------ YAML
+def test_yaml_config_file_round_trip(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(textwrap.dedent("""
+        name: mine
+        fixed:
+          model: vit_tiny_patch16_224
+          pretrained: false
+          pretrained_tag: null
+          img_size: 32
+          patch_size: 4
+          data: "synthetic:classes=4,size=32,n=32,n_val=16"
+          epochs: 3
+        search:
+          lr: {loguniform: [1.0e-4, 3.0e-3]}
+        variants:
+          - softmax
+          - {variant: linformer, search: {rank: {grid: [16, 32]}}}
+          - {variant: atrous_linear, fixed: {window: 3}, search: {dilation: {choice: [[1, 2, 3], [1, 1, 2]]}}}
+        seeds: [0, 1]
+        searcher: grid
+        scheduler: asha
+        asha: {grace_period: 1, reduction_factor: 3}
+        resources: {cpu: 2, gpu: 0.5}
+        max_failures: 2
+    """))
+    spec = load_config_file(path)
+    validate_spec(spec)
+    assert spec.name == "mine" and spec.scheduler == "asha" and spec.asha["reduction_factor"] == 3
+    assert spec.resources == {"cpu": 2, "gpu": 0.5} and spec.seeds == [0, 1]
+    assert count_trials(spec) == (1 + 2 + 1) * 2
+    again = SweepSpec.from_dict(spec.to_dict())
+    assert again.to_dict() == spec.to_dict()
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config_file(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fixed: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config_file(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("fixd: {epochs: 1}\n")
+    with pytest.raises(ConfigError, match=r"'fixd' \(did you mean 'fixed'\?\)"):
+        load_config_file(typo)
+
+
+# ------------------------------------------------------------------------------------------ Tune spaces
+def test_grid_space_expands_each_variant_only_with_its_own_hyperparameters():
+    from ray.tune.search.variant_generator import generate_variants
+
+    from search_spaces.tune_space import param_space
+
+    spec = spec_of(
+        variants=[
+            "softmax",
+            {"variant": "linformer", "search": {"rank": {"grid": [8, 16]}}},
+            {"variant": "performer", "search": {"features": {"grid": [16, 32, 64]}}},
+        ],
+        seeds=[0, 1],
+    )
+    configs = [flatten_trial_config(cfg) for _, cfg in generate_variants(param_space(spec))]
+    assert len(configs) == count_trials(spec) == (1 + 2 + 3) * 2
+    for cfg in configs:
+        TrainConfig.from_dict(cfg)  # every trial config is a valid TrainConfig
+        assert ("rank" in cfg) == (cfg["variant"] == "linformer")
+        assert ("features" in cfg) == (cfg["variant"] == "performer")
+    assert sorted({(c["variant"], c.get("rank"), c.get("features")) for c in configs}, key=str) == sorted(
+        {("softmax", None, None), ("linformer", 8, None), ("linformer", 16, None), ("performer", None, 16),
+         ("performer", None, 32), ("performer", None, 64)}, key=str)
+
+
+def test_random_space_samples_variant_blocks():
+    from ray.tune.search.variant_generator import generate_variants
+
+    from search_spaces.tune_space import param_space
+
+    spec = spec_of(searcher="random", num_samples=1,
+                   variants=["softmax", {"variant": "linformer", "search": {"rank": {"grid": [8, 16]}}}],
+                   search={"lr": {"loguniform": [1e-4, 1e-2]}})
+    seen = set()
+    for _ in range(30):
+        for _, cfg in generate_variants(param_space(spec)):
+            flat = flatten_trial_config(cfg)
+            assert 1e-4 <= flat["lr"] <= 1e-2
+            seen.add((flat["variant"], flat.get("rank")))
+    assert seen == {("softmax", None), ("linformer", 8), ("linformer", 16)}
+
+
+def test_optuna_define_by_run_is_conditional_and_picklable():
+    from search_spaces.tune_space import DefineByRun
+
+    spec = get_preset("optuna_smoke")
+    space = pickle.loads(pickle.dumps(DefineByRun(spec)))
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    variants = set()
+    for _ in range(25):
+        trial = study.ask()
+        flat = flatten_trial_config(space(trial))
+        cfg = TrainConfig.from_dict(flat)
+        variants.add(cfg.variant)
+        assert 1e-4 <= cfg.lr <= 3e-3
+        params = trial.params
+        if cfg.variant == "linformer":
+            assert cfg.rank in (8, 16, 32)
+        else:
+            assert not any(k.endswith("linformer.rank") for k in params)
+        if cfg.variant == "atrous_linear":
+            assert list(cfg.dilation) in ([1, 2, 3], [1, 1, 2])
+        study.tell(trial, cfg.lr * 100)
+    assert variants == {"softmax", "linformer", "performer", "atrous_linear"}
+
+
+def test_optuna_searcher_gets_metric_and_mode():
+    from search_spaces.tune_space import make_searcher
+
+    searcher = make_searcher(get_preset("optuna_smoke"))
+    assert type(searcher).__name__ == "OptunaSearch"
+    assert (searcher.metric, searcher.mode) == ("val/acc1", "max")
+    config = searcher.suggest("trial_1")
+    assert trial_label(config) in {"softmax", "linformer", "performer", "atrous_linear"}
+    TrainConfig.from_dict(flatten_trial_config(config))
