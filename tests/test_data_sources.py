@@ -130,6 +130,19 @@ def test_hf_without_classlabel_or_image(tmp_path):
         build_data(f"hf:{tmp_path / 'noimage'}", PREP)
 
 
+def test_hf_unreadable_image_names_split_and_row(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    good = Image.new("RGB", (4, 4))
+    split = datasets.Dataset.from_dict(
+        {"image": [good, {"bytes": b"garbage", "path": None}], "label": [0, 1]}, features=features
+    )
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(str(tmp_path / "corrupt"))
+    b = build_data(f"hf:{tmp_path / 'corrupt'}", PREP)
+    assert b.train[0][0].shape == (3, 8, 8)
+    with pytest.raises(DataError, match=r"cannot read image 1 of .*corrupt\[train\]"):
+        b.train[1]
+
+
 def test_hf_hub_id_goes_to_load_dataset_and_errors_are_data_errors(monkeypatch):
     calls = []
 
