@@ -33,6 +33,7 @@ class TrainConfig:
     weights: Optional[str] = None
     img_size: Optional[int] = None
     patch_size: Optional[int] = None
+    depth: Optional[int] = None  # fewer blocks than the architecture (tiny smoke/test models)
     drop_path: float = 0.0
     # attention
     variant: str = "softmax"
@@ -135,7 +136,7 @@ class TrainConfig:
             raise ConfigError(f"num_workers={self.num_workers!r} must be an integer >= 0")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed={self.seed!r} must be an integer >= 0")
-        for key in ("img_size", "patch_size", "max_train_batches", "max_val_batches"):
+        for key in ("img_size", "patch_size", "depth", "max_train_batches", "max_val_batches"):
             if getattr(self, key) is not None:
                 _positive_int(key, getattr(self, key))
         if self.img_size is not None and self.patch_size is not None and self.img_size % self.patch_size:

@@ -90,10 +90,13 @@ def count_macs_fvcore(model: torch.nn.Module, img_size: Sequence[int]) -> Option
         from fvcore.nn import FlopCountAnalysis
     except ImportError:
         return None
+    import warnings
+
     was_training = model.training
     model.eval()
     try:
-        with _readable_attention(model), torch.no_grad():
+        with _readable_attention(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fvcore's jit tracer warns about deprecated torch.jit APIs
             analysis = FlopCountAnalysis(model, _example_input(model, img_size))
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             total = analysis.total()

@@ -35,7 +35,7 @@ def check_config(cfg: TrainConfig) -> Dict[str, Any]:
     from .data import check_data_spec
 
     cfg.validate()
-    grid, prefix, dim, heads = vit_geometry(cfg.model, cfg.img_size, cfg.patch_size)
+    grid, prefix, dim, heads = vit_geometry(cfg.model, cfg.img_size, cfg.patch_size, cfg.depth)
     try:
         check_attention(cfg.variant, dim=dim, num_heads=heads, grid_size=grid, num_prefix_tokens=prefix, **cfg.attention_hparams())
     except AttentionConfigError as err:
@@ -132,6 +132,7 @@ def run_training(
         attn_hparams=attn_hparams,
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
+        depth=cfg.depth,
         pretrained=cfg.pretrained and resume is None,
         pretrained_tag=cfg.pretrained_tag,
         weights=cfg.weights if resume is None else None,
@@ -168,6 +169,7 @@ def run_training(
         "attn_hparams": attn_hparams,
         "img_size": cfg.img_size,
         "patch_size": cfg.patch_size,
+        "depth": cfg.depth,
         "num_classes": bundle.num_classes,
     }
     result.update(

@@ -17,7 +17,7 @@ from .models import WeightsError, build_vit
 FORMAT = "vitsweep-weights"
 FORMAT_VERSION = 1
 # Sidecar keys that define the architecture: a mismatch here means the weights cannot be used.
-ARCH_KEYS = ("model", "variant", "attn_hparams", "img_size", "patch_size", "num_classes")
+ARCH_KEYS = ("model", "variant", "attn_hparams", "img_size", "patch_size", "depth", "num_classes")
 
 
 def _paths(path: str | Path) -> Tuple[Path, Path]:
@@ -41,7 +41,7 @@ def save_weight_dict(
     """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically; returns the safetensors path.
 
     `config` needs the architecture keys: model, variant, attn_hparams, img_size, patch_size,
-    num_classes (a `TrainConfig.to_dict()` plus those is what `run_training` passes).
+    depth, num_classes (a `TrainConfig.to_dict()` plus those is what `run_training` passes).
     """
     from safetensors.torch import save_file
 
@@ -122,6 +122,7 @@ def load_weight_dict(
         attn_hparams=arch.get("attn_hparams") or {},
         img_size=arch.get("img_size"),
         patch_size=arch.get("patch_size"),
+        depth=arch.get("depth"),
     )
     try:
         model.load_state_dict(state, strict=True)

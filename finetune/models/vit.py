@@ -31,12 +31,14 @@ class WeightsError(ValueError):
     """A weights file is missing, unreadable, unsafe or does not fit the architecture."""
 
 
-def vit_geometry(model_name: str, img_size: Optional[int], patch_size: Optional[int]) -> Tuple[Tuple[int, int], int, int, int]:
+def vit_geometry(
+    model_name: str, img_size: Optional[int], patch_size: Optional[int], depth: Optional[int] = None
+) -> Tuple[Tuple[int, int], int, int, int]:
     """(grid (Hp, Wp), num_prefix_tokens, embed_dim, num_heads) of a timm ViT, built on `meta` (no memory)."""
     if model_name not in timm.list_models():
         close = timm.list_models(f"*{model_name.split('_')[0]}*")[:8] if "_" in model_name else []
         raise ConfigError(f"model={model_name!r} is not a timm model name" + (f"; e.g. {', '.join(close)}" if close else ""))
-    kwargs = _size_kwargs(img_size, patch_size)
+    kwargs = _size_kwargs(img_size, patch_size, depth)
     try:
         with torch.device("meta"):
             probe = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
@@ -49,8 +51,10 @@ def vit_geometry(model_name: str, img_size: Optional[int], patch_size: Optional[
     return grid, int(probe.num_prefix_tokens), int(probe.embed_dim), int(num_heads)
 
 
-def _size_kwargs(img_size: Optional[int], patch_size: Optional[int]) -> Dict[str, int]:
+def _size_kwargs(img_size: Optional[int], patch_size: Optional[int], depth: Optional[int] = None) -> Dict[str, int]:
     kwargs: Dict[str, int] = {}
+    if depth is not None:
+        kwargs["depth"] = depth
     if img_size is not None:
         kwargs["img_size"] = img_size
     if patch_size is not None:
@@ -66,6 +70,7 @@ def build_vit(
     attn_hparams: Optional[Dict[str, Any]] = None,
     img_size: Optional[int] = None,
     patch_size: Optional[int] = None,
+    depth: Optional[int] = None,
     pretrained: bool = False,
     pretrained_tag: Optional[str] = None,
     weights: Optional[str] = None,
@@ -79,11 +84,12 @@ def build_vit(
         variant: registered attention variant name.
         attn_hparams: the variant's own hyperparameters (e.g. ``{"rank": 64}``).
         img_size, patch_size: override the architecture's defaults (weights are resampled).
+        depth: keep only this many blocks (small test models; pretrained weights then do not fit).
         pretrained: download ``timm/<model_name>.<pretrained_tag>`` from the Hugging Face hub.
         weights: a local safetensors / timm .pth / JAX .npz checkpoint instead of the hub.
         drop_path: stochastic depth rate.
     """
-    grid, num_prefix, _, _ = vit_geometry(model_name, img_size, patch_size)
+    grid, num_prefix, _, _ = vit_geometry(model_name, img_size, patch_size, depth)
     get_attention_class(variant)
     layer = attention_layer(variant, grid_size=grid, num_prefix_tokens=num_prefix, **(attn_hparams or {}))
     model = timm.create_model(
@@ -92,7 +98,7 @@ def build_vit(
         num_classes=num_classes,
         attn_layer=layer,
         drop_path_rate=drop_path,
-        **_size_kwargs(img_size, patch_size),
+        **_size_kwargs(img_size, patch_size, depth),
     )
     if weights:
         load_pretrained_weights(model, weights)

@@ -169,44 +169,52 @@ def atrous_linear_attention(
         ones = vp.new_ones(B, H, Np, 1)
         context = phi_k.transpose(-2, -1) @ torch.cat([vp, ones], dim=-1)  # (B, H, m, D+1)
 
-        # Dilated windows: gather [k, v, phi(k)] of each patch's neighbours; a zero row pads the grid.
-        packed = torch.cat([kp, vp, phi_k], dim=-1)  # (B, H, Np, 2D+m)
-        packed = torch.nn.functional.pad(packed, (0, 0, 0, 1))  # (B, H, Np+1, 2D+m)
-        gathered, valid, has_tail = [], [], []
+        # Dilated windows: gather k, v and phi(k) of each patch's neighbours, each with one index_select
+        # over (head, patch) rows; a zero row per head pads the grid.
+        index, has_tail = [], []
         for (h0, h1), rate in zip(head_groups(H, len(dilation)), dilation):
-            index = neighbour_index(grid_size, window, rate, device=q.device)  # (Np, w*w)
-            rows = packed[:, h0:h1].index_select(2, index.reshape(-1))  # (B, h, Np*w*w, 2D+m)
-            gathered.append(rows.reshape(B, h1 - h0, Np, w2, -1))  # (B, h, Np, w*w, 2D+m)
-            valid.append((index < Np).expand(h1 - h0, Np, w2))  # (h, Np, w*w)
+            idx = neighbour_index(grid_size, window, rate, device=q.device)  # (Np, w*w)
+            heads = torch.arange(h0, h1, device=q.device)[:, None, None]  # (h, 1, 1)
+            index.append(idx + heads * (Np + 1))  # (h, Np, w*w), rows of the padded (head, patch) table
             # A window reaching every patch from every patch leaves no tail: drop it exactly rather than
             # as "global sum minus window", which would leave fp32 cancellation noise.
             reach = (window // 2) * rate
             has_tail += [float(reach < max(hp, wp) - 1 or rate > 1)] * (h1 - h0)
-        gathered = torch.cat(gathered, dim=1)  # (B, H, Np, w*w, 2D+m)
-        valid = torch.cat(valid, dim=0)  # (H, Np, w*w)
+        index = torch.cat(index, dim=0)  # (H, Np, w*w)
+        valid = (index % (Np + 1)) < Np  # (H, Np, w*w)
         tail_on = torch.tensor(has_tail, device=q.device).view(1, H, 1, 1)  # (1, H, 1, 1)
-        k_win, v_win, phi_k_win = gathered.split([D, D, m], dim=-1)  # (B, H, Np, w*w, D | D | m)
+
+        def window_of(x: torch.Tensor) -> torch.Tensor:  # (B, H, Np, C) -> (B, H, Np, w*w, C)
+            table = torch.nn.functional.pad(x, (0, 0, 0, 1)).reshape(B, H * (Np + 1), -1)  # (B, H*(Np+1), C)
+            return table.index_select(1, index.reshape(-1)).view(B, H, Np, w2, -1)  # (B, H, Np, w*w, C)
+
+        k_win, v_win, phi_k_win = window_of(kp), window_of(vp), window_of(phi_k)  # (B, H, Np, w*w, D | D | m)
 
         # Exact logits of the window and of the prefix keys, on the key features' scale (minus c_k).
-        qs = (qp * scale).unsqueeze(-2)  # (B, H, Np, 1, D)
-        s_win = (qs @ k_win.transpose(-2, -1)).squeeze(-2) - c_k  # (B, H, Np, w*w)
+        # Window products are elementwise multiply + sum: as batched matmuls they would be Np tiny
+        # (1 x D) @ (D x w*w) products, which BLAS runs far slower.
+        qs = qp * scale  # (B, H, Np, D)
+        s_win = (qs.unsqueeze(-2) * k_win).sum(dim=-1) - c_k  # (B, H, Np, w*w)
         s_win = s_win.masked_fill(~valid, float("-inf"))
-        s_pre = (qp * scale) @ kc.transpose(-2, -1) - c_k  # (B, H, Np, P)
+        s_pre = qs @ kc.transpose(-2, -1) - c_k  # (B, H, Np, P)
 
         # One offset per query shared by both halves: every exponential is <= 1.
         eq = _softmax_feature_exponent(qp, projection)  # (B, H, Np, m)
-        c_q = torch.cat([eq, s_win, s_pre], dim=-1).amax(dim=-1, keepdim=True).detach()  # (B, H, Np, 1)
+        c_q = torch.maximum(eq.amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True))  # (B, H, Np, 1)
+        if P:
+            c_q = torch.maximum(c_q, s_pre.amax(dim=-1, keepdim=True))
+        c_q = c_q.detach()
         phi_q = ratio * (eq - c_q).exp()  # (B, H, Np, m)
         a_win = (s_win - c_q).exp()  # (B, H, Np, w*w), zero off the grid
         a_pre = (s_pre - c_q).exp()  # (B, H, Np, P)
 
         # Tail = global feature sums minus the window's own feature terms.
-        p_win = (phi_q.unsqueeze(-2) @ phi_k_win.transpose(-2, -1)).squeeze(-2)  # (B, H, Np, w*w)
+        p_win = (phi_q.unsqueeze(-2) * phi_k_win).sum(dim=-1)  # (B, H, Np, w*w)
         tail = phi_q @ context  # (B, H, Np, D+1)
         tail_den = (tail[..., -1:] - p_win.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (B, H, Np, 1)
         g = tail_on if far_weight is None else tail_on * far_weight.float()  # (B|1, H, Np|1, 1)
         weights = a_win - g * p_win  # (B, H, Np, w*w)
-        num = (weights.unsqueeze(-2) @ v_win).squeeze(-2) + a_pre @ vc + g * tail[..., :-1]  # (B, H, Np, D)
+        num = (weights.unsqueeze(-1) * v_win).sum(dim=-2) + a_pre @ vc + g * tail[..., :-1]  # (B, H, Np, D)
         den = a_win.sum(dim=-1, keepdim=True) + a_pre.sum(dim=-1, keepdim=True) + g * tail_den  # (B, H, Np, 1)
         out = torch.cat([out_prefix, num / den], dim=2)  # (B, H, N, D)
     return out.to(out_dtype)

@@ -1,0 +1,107 @@
+"""`vitsweep`: the command line. Subcommands: train, run, resume, report, data show, bench.
+
+`train`, `data` and `bench` never import Ray (they run on GPU boxes without it); the sweep commands
+import it when called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train_cli import add_train_command
+
+    parser = argparse.ArgumentParser(
+        prog="vitsweep",
+        description="Fine-tune pretrained Vision Transformers with efficient attention variants and sweep them with "
+        "Ray Tune. Variants: softmax, linformer, performer, nystrom, atrous_linear.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_train_command(sub)
+    try:
+        from .cli_sweep import add_sweep_commands
+    except ImportError as err:  # the sweep commands need Ray; train/data/bench do not
+        _add_unavailable(sub, ("run", "resume", "report"), err)
+    else:
+        add_sweep_commands(sub)
+    _add_data_command(sub)
+    _add_bench_command(sub)
+    return parser
+
+
+def _add_unavailable(sub, names, err) -> None:
+    for name in names:
+        p = sub.add_parser(name, help=f"(unavailable: {err})")
+        p.set_defaults(func=lambda args, e=err: _fail(f"`vitsweep {args.command}` needs Ray Tune: {e}; pip install 'ray[tune]'"))
+
+
+def _fail(message: str) -> int:
+    print(f"vitsweep: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _add_data_command(sub) -> None:
+    p = sub.add_parser("data", help="inspect a data source")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    show = dsub.add_parser("show", help="plot a grid of preprocessed, denormalised images with class names")
+    show.add_argument("--data", required=True, metavar="SPEC", help="data spec, as for `vitsweep train --data`")
+    show.add_argument("--out", required=True, metavar="FILE.png", help="PNG to write")
+    show.add_argument("--n", type=int, default=16, help="number of images")
+    show.add_argument("--split", choices=("train", "val"), default="train", help="which split (train shows augmentation)")
+    show.add_argument("--model", default="vit_tiny_patch16_224", help="timm model whose preprocessing to use")
+    show.add_argument("--img-size", type=int, default=None, help="input resolution")
+    show.add_argument("--seed", type=int, default=0)
+    show.set_defaults(func=_data_show)
+
+
+def _data_show(args: argparse.Namespace) -> int:
+    from finetune.data import show_data
+
+    if args.n < 1:
+        return _fail(f"--n={args.n} must be >= 1")
+    path = show_data(args.data, args.out, n=args.n, model_name=args.model, img_size=args.img_size, split=args.split, seed=args.seed)
+    print(path)
+    return 0
+
+
+BENCHMARKS = ("attention", "train", "data", "sweep")
+
+
+def _add_bench_command(sub) -> None:
+    p = sub.add_parser("bench", help="speed and memory benchmarks (see BENCHMARKS.md)", add_help=False)
+    p.add_argument("which", choices=BENCHMARKS, help="benchmark to run; `vitsweep bench NAME --help` for its options")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    try:
+        module = importlib.import_module(f"benchmarks.{args.which}")
+    except ModuleNotFoundError as err:
+        return _fail(f"benchmark {args.which!r} is not available: {err}")
+    return int(module.main(args.rest) or 0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from finetune.errors import user_errors
+
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

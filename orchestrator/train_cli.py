@@ -1,0 +1,137 @@
+"""`vitsweep train`: argparse options that map one-to-one onto `finetune.config.TrainConfig` keys.
+
+This module builds no model: it turns flags (and an optional YAML file) into a validated config and
+hands it to `finetune.train.run_training`. The same option table serves sweep configs' fixed values.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict
+
+from finetune.config import DEFAULT_MODEL, DEFAULT_PRETRAINED_TAG, PRECISIONS, VARIANTS, TrainConfig
+
+S = argparse.SUPPRESS
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig key as a flag (default: suppressed, so only what the user typed overrides)."""
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=S, help=f"timm ViT name (default {DEFAULT_MODEL})")
+    m.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=S,
+                   help="load timm/<model>.<tag> from the Hugging Face hub (default on; --no-pretrained for random init)")
+    m.add_argument("--pretrained-tag", default=S,
+                   help=f"timm pretrained tag (default {DEFAULT_PRETRAINED_TAG}: ImageNet-21k only, never fine-tuned on ImageNet-1k)")
+    m.add_argument("--weights", default=S, metavar="PATH", help="local .safetensors, timm .pth or JAX .npz checkpoint instead of the hub")
+    m.add_argument("--img-size", type=int, default=S, help="input resolution (position embeddings are resampled)")
+    m.add_argument("--patch-size", type=int, default=S, help="patch size (patch embedding is resampled)")
+    m.add_argument("--depth", type=int, default=S, help="keep only the first N blocks (tiny smoke/test models)")
+    m.add_argument("--drop-path", type=float, default=S, help="stochastic depth rate (default 0)")
+
+    a = p.add_argument_group("attention")
+    a.add_argument("--variant", choices=VARIANTS, default=S, help="attention mechanism (default softmax)")
+    a.add_argument("--rank", type=int, default=S, help="linformer: projected sequence length k (< token count)")
+    a.add_argument("--share-kv", action=argparse.BooleanOptionalAction, default=S, help="linformer: one projection for keys and values")
+    a.add_argument("--features", type=int, default=S, help="performer / atrous_linear: random features m")
+    a.add_argument("--redraw-interval", type=int, default=S, help="performer: redraw features every N training steps (0: never)")
+    a.add_argument("--kernel", choices=("softmax", "relu"), default=S, help="performer: feature map")
+    a.add_argument("--landmarks", type=int, default=S, help="nystrom: landmark count m (>= tokens: exact attention)")
+    a.add_argument("--pinv-iterations", type=int, default=S, help="nystrom: Razavi pseudo-inverse iterations (default 6)")
+    a.add_argument("--conv-kernel", type=int, default=S, help="nystrom: depthwise conv residual on values (odd kernel)")
+    a.add_argument("--dilation", type=int, nargs="+", default=S, help="atrous_linear: dilation rates, one head group each (e.g. 1 2 3)")
+    a.add_argument("--window", type=int, default=S, help="atrous_linear: odd local window (window x window patches)")
+    a.add_argument("--fusion", choices=("sum", "gate"), default=S, help="atrous_linear: combine local and global branches")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default=S, metavar="SPEC",
+                   help="imagenet100[:DIR] | hf:<hub id or save_to_disk dir> | imagefolder:<dir with train/ val/> | "
+                        "synthetic[:classes=..,size=..,n=..,n_val=..] (default synthetic)")
+    d.add_argument("--augment", choices=("timm", "none"), default=S,
+                   help="timm: timm's training transform (RandomResizedCrop, flip, colour jitter); none: eval transform")
+    d.add_argument("--scale", type=float, nargs=2, default=S, metavar=("MIN", "MAX"), help="RandomResizedCrop scale range")
+    d.add_argument("--hflip", type=float, default=S, help="horizontal flip probability")
+    d.add_argument("--color-jitter", type=float, default=S, help="colour jitter strength")
+    d.add_argument("--num-workers", type=int, default=S, help="DataLoader workers (default 2)")
+    d.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=S,
+                   help="skip (and count) unreadable images instead of failing")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=S, help="epochs (default 10)")
+    o.add_argument("--batch-size", type=int, default=S, help="batch size (default 64)")
+    o.add_argument("--lr", type=float, default=S, help="peak AdamW learning rate (default 1e-3)")
+    o.add_argument("--min-lr", type=float, default=S, help="final cosine learning rate")
+    o.add_argument("--weight-decay", type=float, default=S, help="AdamW weight decay (not on norms/biases)")
+    o.add_argument("--warmup-epochs", type=float, default=S, help="linear warmup length in epochs")
+    o.add_argument("--layer-decay", type=float, default=S, help="layer-wise lr decay in (0, 1]")
+    o.add_argument("--label-smoothing", type=float, default=S, help="label smoothing")
+    o.add_argument("--mixup", type=float, default=S, help="mixup alpha (0: off)")
+    o.add_argument("--cutmix", type=float, default=S, help="cutmix alpha (0: off)")
+    o.add_argument("--clip-grad", type=float, default=S, help="gradient norm clip")
+
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=S, help="seed for init, data order and augmentation")
+    r.add_argument("--device", default=S, help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--precision", choices=PRECISIONS, default=S, help="fp32 | bf16 (autocast) | fp16 (CUDA, GradScaler)")
+    r.add_argument("--topk", type=int, nargs="+", default=S, help="top-k accuracies to report (default 1 5)")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S, help="torch.compile the model")
+    r.add_argument("--max-train-batches", type=int, default=S, help="cap batches per epoch (smoke runs)")
+    r.add_argument("--max-val-batches", type=int, default=S, help="cap validation batches")
+    r.add_argument("--log-interval", type=int, default=S, help="steps between progress updates (host syncs)")
+
+
+def config_from_args(args: argparse.Namespace, yaml_path: str | None = None) -> TrainConfig:
+    """YAML file values, then flags the user typed, over TrainConfig's defaults."""
+    values: Dict[str, Any] = {}
+    if yaml_path:
+        values.update(load_yaml_mapping(yaml_path))
+    names = set(TrainConfig.field_names())
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(values)
+
+
+def load_yaml_mapping(path: str) -> Dict[str, Any]:
+    import yaml
+
+    from finetune.config import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of config keys, not {type(data).__name__}")
+    return data
+
+
+def add_train_command(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune one model without Ray",
+        description="Fine-tune a timm ViT with the chosen attention variant; writes result.json, "
+        "weights.safetensors + weights.json, tb/, preprocessing.json and checkpoint/ under --out.",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--config", metavar="FILE", help="YAML file of config keys (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint (same config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_options(p)
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from finetune.train import run_training
+
+    cfg = config_from_args(args, args.config)
+    resume_from = None
+    if args.resume:
+        resume_from = Path(args.out) / "checkpoint"
+    result = run_training(cfg, args.out, resume_from=resume_from, progress=not args.no_progress)
+    final = {k: v for k, v in result["metrics"].items() if k.startswith(("val/", "train/", "cost/", "throughput/", "memory/"))}
+    print(json.dumps({"status": result["status"], "out": str(args.out), **final}, indent=2, default=str))
+    return 0
