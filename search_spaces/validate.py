@@ -73,6 +73,7 @@ def validate_spec(spec: SweepSpec, check_geometry: bool = True) -> List[TrainCon
             key = repr(sorted((k, v) for k, v in cfg.to_dict().items() if k not in OPTIMISATION_KEYS))
             if check_geometry and key not in geometry_checked:
                 check_config(cfg)
+                _check_topk(cfg)
                 geometry_checked.add(key)
         except ConfigError as err:
             raise ConfigError(f"{_describe(combo, block)}: {err}") from None
@@ -84,6 +85,21 @@ def validate_spec(spec: SweepSpec, check_geometry: bool = True) -> List[TrainCon
     if spec.scheduler == "asha" and max_t is not None and max_t > max(epochs):
         raise ConfigError(f"asha.max_t={max_t} exceeds epochs={max(epochs)}: trials stop before reaching it")
     return checked
+
+
+def _check_topk(cfg: TrainConfig) -> None:
+    """topk against the class count where the data spec fixes it without loading (synthetic, ImageNet-100);
+    `check_config` leaves this to `run_training`, which would fail every trial of the sweep."""
+    from finetune.data.spec import parse_data_spec
+    from finetune.metrics import MetricError, check_topk
+
+    ds = parse_data_spec(cfg.data)
+    classes = ds.options.get("classes") if ds.kind == "synthetic" else (100 if ds.kind == "imagenet100" else None)
+    if classes is not None:
+        try:
+            check_topk(cfg.topk, int(classes))
+        except MetricError as err:
+            raise ConfigError(f"{err} (data={cfg.data!r})") from None
 
 
 def validate_resources(spec: SweepSpec, available_cpus: float, available_gpus: float) -> None:

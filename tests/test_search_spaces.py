@@ -15,7 +15,7 @@ from trainables.layout import flatten_trial_config, trial_label
 
 TINY = {
     "model": "vit_tiny_patch16_224", "pretrained": False, "pretrained_tag": None, "img_size": 32, "patch_size": 4,
-    "data": "synthetic:classes=4,size=32,n=32,n_val=16", "epochs": 3, "num_workers": 0,
+    "data": "synthetic:classes=5,size=32,n=40,n_val=20", "epochs": 3, "num_workers": 0,
 }  # 8x8 grid + CLS = 65 tokens
 
 
@@ -155,7 +155,7 @@ def test_yaml_config_file_round_trip(tmp_path):
           pretrained_tag: null
           img_size: 32
           patch_size: 4
-          data: "synthetic:classes=4,size=32,n=32,n_val=16"
+          data: "synthetic:classes=5,size=32,n=40,n_val=20"
           epochs: 3
         search:
           lr: {loguniform: [1.0e-4, 3.0e-3]}
@@ -267,3 +267,10 @@ def test_optuna_searcher_gets_metric_and_mode():
     config = searcher.suggest("trial_1")
     assert trial_label(config) in {"softmax", "linformer", "performer", "atrous_linear"}
     TrainConfig.from_dict(flatten_trial_config(config))
+
+
+def test_topk_beyond_the_synthetic_class_count_is_rejected():
+    with pytest.raises(ConfigError, match=r"k=5 is larger than the 4 classes"):
+        validate_spec(SweepSpec.from_dict({"fixed": {**TINY, "data": "synthetic:classes=4,size=32,n=32,n_val=16"}}))
+    validate_spec(SweepSpec.from_dict({"fixed": {**TINY, "data": "synthetic:classes=4,size=32,n=32,n_val=16",
+                                                 "topk": [1, 3]}}))

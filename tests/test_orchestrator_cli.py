@@ -1,0 +1,88 @@
+"""Every bad input to `vitsweep run/resume` is refused before Ray starts, naming the value."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import ray
+
+from orchestrator.cli_sweep import main as sweep_main
+
+TINY_FIXED = """
+fixed:
+  model: vit_tiny_patch16_224
+  pretrained: false
+  pretrained_tag: null
+  img_size: 32
+  patch_size: 4
+  data: "synthetic:classes=5,size=32,n=40,n_val=20"
+  epochs: 2
+"""
+
+
+def _yaml(tmp_path, body: str):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(TINY_FIXED + textwrap.dedent(body))
+    return str(path)
+
+
+def _refused(capsys, argv, *fragments):
+    assert not ray.is_initialized()
+    code = sweep_main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not ray.is_initialized(), "Ray was started before the input was validated"
+
+
+def test_unknown_preset(capsys, tmp_path):
+    _refused(capsys, ["run", "--preset", "imagenet1000", "--storage", str(tmp_path)],
+             "unknown preset 'imagenet1000'", "did you mean 'imagenet100'")
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    _refused(capsys, ["run", "--preset", "smoke", "--set", "weight_decy=0.1", "--storage", str(tmp_path)],
+             "'weight_decy'", "did you mean 'weight_decay'")
+    _refused(capsys, ["run", "--config", _yaml(tmp_path, "search: {wieght_decay: {grid: [0.1]}}\n")],
+             "'wieght_decay'", "did you mean 'weight_decay'")
+
+
+def test_unknown_variant(capsys, tmp_path):
+    _refused(capsys, ["run", "--config", _yaml(tmp_path, "variants: [softmax, nystroem]\n")],
+             "'nystroem'", "did you mean 'nystrom'")
+
+
+def test_reversed_range(capsys, tmp_path):
+    _refused(capsys, ["run", "--config", _yaml(tmp_path, "search: {lr: {loguniform: [0.01, 0.0001]}}\n")],
+             "search['lr']", "bounds are reversed", "low=0.01")
+
+
+def test_variant_range_outside_the_geometry(capsys, tmp_path):
+    body = "variants: [{variant: linformer, search: {rank: {randint: [16, 80]}}}]\n"
+    _refused(capsys, ["run", "--config", _yaml(tmp_path, body)], "rank=80", "65 tokens")
+    body = "variants: [{variant: atrous_linear, fixed: {window: 3}, search: {dilation: {grid: [[1, 2], [4, 5]]}}}]\n"
+    _refused(capsys, ["run", "--config", _yaml(tmp_path, body)], "dilation=[4, 5]")
+
+
+def test_more_gpus_per_trial_than_the_cluster_has(capsys, tmp_path):
+    _refused(capsys, ["run", "--preset", "smoke", "--gpus-per-trial", "1", "--num-gpus", "0", "--storage", str(tmp_path)],
+             "gpus per trial=1", "cluster has 0 GPU")
+    _refused(capsys, ["run", "--preset", "smoke", "--gpus-per-trial", "2", "--num-gpus", "1", "--storage", str(tmp_path)],
+             "gpus per trial=2", "cluster has 1 GPU")
+
+
+def test_bad_sweep_options(capsys, tmp_path):
+    _refused(capsys, ["run", "--preset", "smoke", "--num-samples", "0"], "num_samples=0")
+    _refused(capsys, ["run", "--preset", "smoke", "--max-concurrent", "0"], "max_concurrent=0")
+    _refused(capsys, ["run", "--preset", "smoke", "--set", "epochs"], "--set 'epochs'", "KEY=VALUE")
+    with pytest.raises(SystemExit):
+        sweep_main(["run", "--preset", "smoke", "--scheduler", "hyperband"])
+    with pytest.raises(SystemExit):
+        sweep_main(["run", "--preset", "smoke", "--config", "x.yaml"])
+
+
+def test_resume_refuses_a_directory_that_is_not_a_vitsweep_experiment(capsys, tmp_path):
+    _refused(capsys, ["resume", str(tmp_path)], "is not a vitsweep experiment", "vitsweep_experiment.json")
+    _refused(capsys, ["resume", str(tmp_path / "missing")], "is not a directory")
