@@ -21,7 +21,7 @@ from finetune.models.attention import (
     performer_attention,
     softmax_attention,
 )
-from finetune.models.attention.atrous_linear import head_groups, neighbour_index
+from finetune.models.attention.atrous_linear import head_groups, neighbour_index, window_dot, window_sum
 from finetune.models.attention.nystrom import iterative_pinv, segment_means
 from finetune.models.attention.performer import _softmax_feature_exponent, orthogonal_random_features
 
@@ -190,6 +190,23 @@ def test_neighbour_index_dilated_window_and_borders():
     assert corner == [30, 30, 30, 30, 0, 2, 30, 12, 14]
     assert head_groups(6, 3) == [(0, 2), (2, 4), (4, 6)]
     assert head_groups(7, 3) == [(0, 3), (3, 5), (5, 7)]
+
+
+def test_window_products_match_gather_and_have_correct_gradients():
+    grid, window = (3, 4), 3
+    geometry = (grid, window, ((0, 1, 1), (1, 3, 2)))
+    x, y = (torch.randn(1, 3, 12, 2, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(1, 3, 12, 9, dtype=torch.float64, requires_grad=True)
+    padded = F.pad(y, (0, 0, 0, 1))  # (B, H, Np+1, C): row Np is the zero padding
+    gathered = []
+    for h0, h1, rate in geometry[2]:
+        idx = neighbour_index(grid, window, rate)  # (Np, w*w)
+        gathered.append(padded[:, h0:h1][:, :, idx])  # (B, h, Np, w*w, C)
+    gathered = torch.cat(gathered, dim=1)
+    torch.testing.assert_close(window_dot(x, y, geometry), (x.unsqueeze(-2) * gathered).sum(-1))
+    torch.testing.assert_close(window_sum(w, y, geometry), (w.unsqueeze(-1) * gathered).sum(-2))
+    assert torch.autograd.gradcheck(lambda a, b: window_dot(a, b, geometry), (x, y))
+    assert torch.autograd.gradcheck(lambda a, b: window_sum(a, b, geometry), (w, y))
 
 
 def test_nystrom_segments_are_uneven_and_unpadded():

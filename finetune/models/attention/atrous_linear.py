@@ -43,12 +43,16 @@ Shapes (P prefix tokens, Np = Hp * Wp patches, w = window, m = features):
     prefix queries           (B, H, P, D)       exact softmax over all N keys
     phi(k_p)                 (B, H, Np, m)
     global sums phi(K)^T[V,1] (B, H, m, D+1)
-    window gather of [k, v, phi(k)] (B, H, Np, w*w, 2D+m)  via a neighbour index per rate, padding row
     exact window logits      (B, H, Np, w*w),  prefix logits (B, H, Np, P)
     window phi terms         (B, H, Np, w*w)   phi(q_i) . phi(k_j) for j in the window
+    window-weighted values   (B, H, Np, D)
     num / den                (B, H, Np, D) / (B, H, Np, 1)
+The window products never gather windows: a dilated window is w*w fixed shifts of the grid, so each
+product is w*w elementwise products of the (Hp, Wp) grid with a shifted, zero-padded copy of itself
+(`window_dot`, `window_sum`, with a hand-written backward that saves only their inputs).
 
-Cost per head: O(N (w^2 + m) D + N w^2 m + N P D) time; memory O(N w^2 (2D + m) + N m).
+Cost per head: O(N (w^2 + m) D + N w^2 m + N P D) time; memory O(N (D + m + w^2)), no (N, w^2, D)
+tensor is ever formed.
 
 fusion='gate' (for comparison, ACC-ViT-style gating between the atrous and the global branch): the
 tail terms are scaled by a learned, input-dependent ``g_i = 2 sigmoid(q_i . a_h + b_h)`` per head,
@@ -120,6 +124,130 @@ def neighbour_index(
     return index.reshape(hp * wp, window * window)  # (Np, w*w)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Window products without materialising windows. A dilated window is a fixed set of grid shifts, so
+# "q_i . k_j for every j in i's window" is, for each of the w*w shifts, one elementwise product of the
+# grid with a shifted (zero-padded) copy of itself. Gathering the windows instead would write and
+# re-read (Np, w*w, C) tensors and their gradients; the shift loops below touch only (Np, C) tensors
+# and save nothing but their inputs for backward.
+# Geometry: (grid_size, window, ((h0, h1, rate), ...)) -- one entry per head group.
+
+Geometry = Tuple[Tuple[int, int], int, Tuple[Tuple[int, int, int], ...]]
+
+
+def _shifts(window: int, rate: int) -> List[Tuple[int, int]]:
+    """(dy, dx) per window slot, in `neighbour_index`'s row-major slot order."""
+    offsets = [(i - window // 2) * rate for i in range(window)]
+    return [(dy, dx) for dy in offsets for dx in offsets]
+
+
+def _grid(x: torch.Tensor, grid_size: Tuple[int, int], pad: int = 0) -> torch.Tensor:
+    """(B, h, Np, C) -> (B, h, Hp + 2 pad, Wp + 2 pad, C), zero-padded on the grid's borders."""
+    B, h, _, C = x.shape
+    x = x.reshape(B, h, grid_size[0], grid_size[1], C)  # (B, h, Hp, Wp, C)
+    return torch.nn.functional.pad(x, (0, 0, pad, pad, pad, pad)) if pad else x
+
+
+def _window_dot(x: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """out[i, o] = x_i . y_(i + shift_o), 0 off the grid. x, y: (B, H, Np, C) -> (B, H, Np, w*w)."""
+    (hp, wp), window, groups = geometry
+    B, H, Np, _ = x.shape
+    out = x.new_empty(B, H, Np, window * window)  # (B, H, Np, w*w)
+    for h0, h1, rate in groups:
+        pad = (window // 2) * rate
+        xg = _grid(x[:, h0:h1], (hp, wp))  # (B, h, Hp, Wp, C)
+        yg = _grid(y[:, h0:h1], (hp, wp), pad)  # (B, h, Hp+2p, Wp+2p, C)
+        for o, (dy, dx) in enumerate(_shifts(window, rate)):
+            shifted = yg[:, :, pad + dy : pad + dy + hp, pad + dx : pad + dx + wp]  # (B, h, Hp, Wp, C)
+            out[:, h0:h1, :, o] = (xg * shifted).sum(dim=-1).reshape(B, h1 - h0, Np)
+    return out
+
+
+def _window_sum(w: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """out_i = sum_o w[i, o] y_(i + shift_o). w: (B, H, Np, w*w), y: (B, H, Np, C) -> (B, H, Np, C)."""
+    (hp, wp), window, groups = geometry
+    B, H, Np, C = y.shape
+    out = y.new_zeros(B, H, Np, C)  # (B, H, Np, C)
+    for h0, h1, rate in groups:
+        pad = (window // 2) * rate
+        og = out[:, h0:h1].view(B, h1 - h0, hp, wp, C)  # (B, h, Hp, Wp, C), a view into `out`
+        yg = _grid(y[:, h0:h1], (hp, wp), pad)  # (B, h, Hp+2p, Wp+2p, C)
+        wg = _grid(w[:, h0:h1], (hp, wp))  # (B, h, Hp, Wp, w*w)
+        for o, (dy, dx) in enumerate(_shifts(window, rate)):
+            shifted = yg[:, :, pad + dy : pad + dy + hp, pad + dx : pad + dx + wp]  # (B, h, Hp, Wp, C)
+            og.addcmul_(wg[..., o : o + 1], shifted)
+    return out
+
+
+def _window_scatter(w: torch.Tensor, x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Adjoint of both products in their shifted argument: out_j = sum_o w[j - shift_o, o] x_(j - shift_o).
+
+    w: (B, H, Np, w*w), x: (B, H, Np, C) -> (B, H, Np, C).
+    """
+    (hp, wp), window, groups = geometry
+    B, H, Np, C = x.shape
+    out = x.new_empty(B, H, Np, C)
+    for h0, h1, rate in groups:
+        pad = (window // 2) * rate
+        acc = x.new_zeros(B, h1 - h0, hp + 2 * pad, wp + 2 * pad, C)  # (B, h, Hp+2p, Wp+2p, C)
+        xg = _grid(x[:, h0:h1], (hp, wp))  # (B, h, Hp, Wp, C)
+        wg = _grid(w[:, h0:h1], (hp, wp))  # (B, h, Hp, Wp, w*w)
+        for o, (dy, dx) in enumerate(_shifts(window, rate)):
+            acc[:, :, pad + dy : pad + dy + hp, pad + dx : pad + dx + wp].addcmul_(wg[..., o : o + 1], xg)
+        out[:, h0:h1] = acc[:, :, pad : pad + hp, pad : pad + wp].reshape(B, h1 - h0, Np, C)
+    return out
+
+
+class _WindowDot(torch.autograd.Function):
+    """s[i, o] = x_i . y_(i + shift_o); backward: dx = window_sum(ds, y), dy = scatter(ds, x)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        x, y = x.contiguous(), y.contiguous()
+        ctx.save_for_backward(x, y)
+        ctx.geometry = geometry
+        return _window_dot(x, y, geometry)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, y = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = _window_sum(grad, y, ctx.geometry) if ctx.needs_input_grad[0] else None
+        dy = _window_scatter(grad, x, ctx.geometry) if ctx.needs_input_grad[1] else None
+        return dx, dy, None
+
+
+class _WindowSum(torch.autograd.Function):
+    """out_i = sum_o w[i, o] y_(i + shift_o); backward: dw = window_dot(dout, y), dy = scatter(w, dout)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        w, y = w.contiguous(), y.contiguous()
+        ctx.save_for_backward(w, y)
+        ctx.geometry = geometry
+        return _window_sum(w, y, geometry)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        w, y = ctx.saved_tensors
+        grad = grad.contiguous()
+        dw = _window_dot(grad, y, ctx.geometry) if ctx.needs_input_grad[0] else None
+        dy = _window_scatter(w, grad, ctx.geometry) if ctx.needs_input_grad[1] else None
+        return dw, dy, None
+
+
+def window_dot(x: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Differentiable `_window_dot`: (B, H, Np, C) x2 -> (B, H, Np, w*w)."""
+    return _WindowDot.apply(x, y, geometry)
+
+
+def window_sum(w: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Differentiable `_window_sum`: (B, H, Np, w*w), (B, H, Np, C) -> (B, H, Np, C)."""
+    return _WindowSum.apply(w, y, geometry)
+
+
 def atrous_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -169,32 +297,23 @@ def atrous_linear_attention(
         ones = vp.new_ones(B, H, Np, 1)
         context = phi_k.transpose(-2, -1) @ torch.cat([vp, ones], dim=-1)  # (B, H, m, D+1)
 
-        # Dilated windows: gather k, v and phi(k) of each patch's neighbours, each with one index_select
-        # over (head, patch) rows; a zero row per head pads the grid.
-        index, has_tail = [], []
+        # Dilated windows, one head group per rate; validity of every (patch, slot) from the neighbour index.
+        groups, valid, has_tail = [], [], []
         for (h0, h1), rate in zip(head_groups(H, len(dilation)), dilation):
+            groups.append((h0, h1, rate))
             idx = neighbour_index(grid_size, window, rate, device=q.device)  # (Np, w*w)
-            heads = torch.arange(h0, h1, device=q.device)[:, None, None]  # (h, 1, 1)
-            index.append(idx + heads * (Np + 1))  # (h, Np, w*w), rows of the padded (head, patch) table
+            valid.append((idx < Np).expand(h1 - h0, Np, w2))  # (h, Np, w*w)
             # A window reaching every patch from every patch leaves no tail: drop it exactly rather than
             # as "global sum minus window", which would leave fp32 cancellation noise.
             reach = (window // 2) * rate
             has_tail += [float(reach < max(hp, wp) - 1 or rate > 1)] * (h1 - h0)
-        index = torch.cat(index, dim=0)  # (H, Np, w*w)
-        valid = (index % (Np + 1)) < Np  # (H, Np, w*w)
+        geometry: Geometry = ((hp, wp), window, tuple(groups))
+        valid = torch.cat(valid, dim=0)  # (H, Np, w*w)
         tail_on = torch.tensor(has_tail, device=q.device).view(1, H, 1, 1)  # (1, H, 1, 1)
 
-        def window_of(x: torch.Tensor) -> torch.Tensor:  # (B, H, Np, C) -> (B, H, Np, w*w, C)
-            table = torch.nn.functional.pad(x, (0, 0, 0, 1)).reshape(B, H * (Np + 1), -1)  # (B, H*(Np+1), C)
-            return table.index_select(1, index.reshape(-1)).view(B, H, Np, w2, -1)  # (B, H, Np, w*w, C)
-
-        k_win, v_win, phi_k_win = window_of(kp), window_of(vp), window_of(phi_k)  # (B, H, Np, w*w, D | D | m)
-
         # Exact logits of the window and of the prefix keys, on the key features' scale (minus c_k).
-        # Window products are elementwise multiply + sum: as batched matmuls they would be Np tiny
-        # (1 x D) @ (D x w*w) products, which BLAS runs far slower.
         qs = qp * scale  # (B, H, Np, D)
-        s_win = (qs.unsqueeze(-2) * k_win).sum(dim=-1) - c_k  # (B, H, Np, w*w)
+        s_win = window_dot(qs, kp, geometry) - c_k  # (B, H, Np, w*w)
         s_win = s_win.masked_fill(~valid, float("-inf"))
         s_pre = qs @ kc.transpose(-2, -1) - c_k  # (B, H, Np, P)
 
@@ -209,12 +328,12 @@ def atrous_linear_attention(
         a_pre = (s_pre - c_q).exp()  # (B, H, Np, P)
 
         # Tail = global feature sums minus the window's own feature terms.
-        p_win = (phi_q.unsqueeze(-2) * phi_k_win).sum(dim=-1)  # (B, H, Np, w*w)
+        p_win = window_dot(phi_q, phi_k, geometry)  # (B, H, Np, w*w), zero off the grid
         tail = phi_q @ context  # (B, H, Np, D+1)
         tail_den = (tail[..., -1:] - p_win.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (B, H, Np, 1)
         g = tail_on if far_weight is None else tail_on * far_weight.float()  # (B|1, H, Np|1, 1)
         weights = a_win - g * p_win  # (B, H, Np, w*w)
-        num = (weights.unsqueeze(-1) * v_win).sum(dim=-2) + a_pre @ vc + g * tail[..., :-1]  # (B, H, Np, D)
+        num = window_sum(weights, vp, geometry) + a_pre @ vc + g * tail[..., :-1]  # (B, H, Np, D)
         den = a_win.sum(dim=-1, keepdim=True) + a_pre.sum(dim=-1, keepdim=True) + g * tail_den  # (B, H, Np, 1)
         out = torch.cat([out_prefix, num / den], dim=2)  # (B, H, N, D)
     return out.to(out_dtype)

@@ -1,10 +1,12 @@
 """Analytic cost of the attention core (what `attend` computes), per image, for every variant.
 
-`attention_flops` counts the forward FLOPs of the matrix products inside `attend` with a multiply-add
-as 2 FLOPs, which is the convention (and the scope) of `torch.utils.flop_counter.FlopCounterMode`:
-matmuls and convolutions count, elementwise maps, reductions, gathers and softmax do not. The tests
-check each formula against FlopCounterMode on the variant's pure function. Exact softmax is counted
-as its readable path (two N x N x D products); SDPA kernels do the same arithmetic.
+`attention_flops` counts the forward FLOPs of the products inside `attend` with a multiply-add as 2
+FLOPs, the convention of `torch.utils.flop_counter.FlopCounterMode`; like it, elementwise maps,
+reductions, exponentials and softmax are not counted. FlopCounterMode sees matmuls and convolutions
+only, so the hybrid's window products, which run elementwise, are invisible to it: `uncounted_flops`
+gives that part, and the tests check ``attention_flops - uncounted_flops`` against FlopCounterMode on
+each variant's pure function. Exact softmax is counted as its readable path (two N x N x D
+products); SDPA kernels do the same arithmetic.
 
 `attention_activation_bytes` is the memory autograd keeps for the backward pass inside `attend`
 (intermediates saved by the core, not q, k, v themselves), which is what grows with N during
@@ -80,6 +82,21 @@ def attention_flops(variant: str, N: int, D: int, H: int, **hparams: Any) -> int
     return int(H * per_head)
 
 
+def uncounted_flops(variant: str, N: int, D: int, H: int, **hparams: Any) -> int:
+    """The part of `attention_flops` that FlopCounterMode cannot see: multiply-adds done elementwise.
+
+    Only `atrous_linear` has any: its window products (w*w logits and feature terms per patch, and the
+    window-weighted sum of values) run as shifted elementwise products with a hand-written backward,
+    which is much faster than Np tiny batched matmuls and never materialises the windows.
+    """
+    if variant != "atrous_linear":
+        return 0
+    m = hparams.get("features", 64)
+    w2 = hparams.get("window", 3) ** 2
+    Np = N - hparams.get("num_prefix_tokens", 1)
+    return int(H * (2 * Np * w2 * D * 2 + 2 * Np * w2 * m))
+
+
 def attention_activation_bytes(
     variant: str,
     N: int,
@@ -94,7 +111,9 @@ def attention_activation_bytes(
     `dtype_bytes` is the element size of the input dtype; performer, nystrom and atrous_linear
     compute in fp32 regardless (and keep fp32 copies of lower-precision q, k, v). `fused` (softmax only): SDPA's kernels keep O(N) statistics, the
     readable path keeps the N x N attention matrix. Small O(H N) terms (row maxima, denominators) are
-    included where they are saved; index tensors are not.
+    included where they are saved; index tensors are not. q, k, v are assumed laid out as
+    `AttentionBase.forward` makes them (strided views of one qkv tensor), which decides where torch
+    copies them.
     """
     b = 4 if variant in _FP32_CORE else dtype_bytes
     # Inputs below fp32 are copied to fp32 by the fp32-core variants (and those copies are saved).
@@ -106,7 +125,7 @@ def attention_activation_bytes(
             elems = N * D + N * N  # q * scale; softmax output (N x N)
     elif variant == "linformer":
         k = hparams.get("rank", 64)
-        elems = 3 * N * D + 2 * k * D + N * k  # q * scale, K and V laid out for E^T K; K', V'; attn (N x k)
+        elems = N * D + 2 * k * D + N * k  # q * scale; K', V'; attention (N x k)
     elif variant == "performer":
         m = hparams.get("features", 64)
         # scaled q, k; exponents, their exps and features of q and k; [V,1] and the output; context
@@ -124,14 +143,12 @@ def attention_activation_bytes(
         P = hparams.get("num_prefix_tokens", 1)
         Np = N - P
         elems = (
-            2 * P * N  # prefix queries' attention (scores, softmax)
-            + 2 * Np * D  # q, k scaled by D^(-1/4)
-            + 4 * Np * m  # exps of the feature exponents, phi(k), phi(q) (and its bmm copy)
-            + 2 * Np * (D + 1)  # [V,1]; the tail
-            + Np * w2 * (2 * D + m)  # gathered window of [k, v, phi(k)]
+            P * D + P * N  # prefix queries: scaled q, attention over all N keys
+            + 6 * Np * D  # q, k scaled for the features; scaled q, k, v, and the tail's values for the windows
+            + 6 * Np * m  # feature exponents' exps, phi(k) (and its transposed copy), phi(q) (and a copy)
+            + Np * (D + 1) + m * (D + 1)  # [V,1]; context
             + 4 * Np * w2  # window logits, exact weights, phi terms, combined weights
-            + 2 * Np * P  # prefix logits, weights
-            + 4 * Np * D  # scaled q for the logits, window-weight products
+            + 4 * Np + 4 * Np * P  # denominators and tail weights; prefix logits and weights
         )
     else:
         raise AttentionConfigError(f"no cost model for attention variant {variant!r}")

@@ -1,0 +1,254 @@
+"""Speed and memory of the attention variants against SDPA, at ViT-S width (`vitsweep bench attention`).
+
+For every token count N (a CLS token plus a square patch grid) and every variant, one attention layer
+(qkv projection, the variant's core, output projection: exactly what swapping `attn_layer` changes in
+a ViT block) runs forward + backward on a random batch. Repeats are interleaved across variants
+(variant A, B, C, A, B, C, ...) so that drift in machine load hits all of them alike; the median is
+reported, and every variant is also given as a ratio to `softmax` (SDPA) at the same N.
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during forward + backward minus the memory held
+before it (peak). On CPU there is no allocator peak to read, so the column is the bytes autograd
+saves for the backward pass (distinct storages seen by ``saved_tensors_hooks``, parameters and the
+input excluded): the activation memory a training step keeps, deterministic and independent of the
+process's RSS history.
+
+Optional side-by-side with the reference PyPI implementations (`linformer`, `performer-pytorch`,
+`nystrom-attention`, at the same width, heads and hyperparameters) when they are importable; they are
+never imported by product code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from finetune.models.attention import attention_layer
+from finetune.models.attention.cost import attention_flops
+
+DEFAULT_TOKENS = (197, 577, 1025, 2305, 3137)
+OUR_VARIANTS = ("softmax", "linformer", "performer", "nystrom", "atrous_linear")
+REFERENCES = {"ref_linformer": "linformer", "ref_performer": "performer_pytorch", "ref_nystrom": "nystrom_attention"}
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    flops: Optional[int]  # analytic core FLOPs per image (ours only)
+
+
+def grid_for(tokens: int) -> int:
+    side = math.isqrt(tokens - 1)
+    if side * side != tokens - 1:
+        raise SystemExit(f"--tokens {tokens}: need 1 + a square number of patches (197 = 1 + 14^2, ...)")
+    return side
+
+
+def _our_case(variant: str, args: argparse.Namespace, tokens: int) -> Case:
+    side = grid_for(tokens)
+    hp = {
+        "softmax": {},
+        "linformer": {"rank": args.rank},
+        "performer": {"features": args.features},
+        "nystrom": {"landmarks": args.landmarks},
+        "atrous_linear": {"features": args.features, "window": args.window, "dilation": tuple(args.dilation)},
+    }[variant]
+    layer = attention_layer(variant, grid_size=(side, side), num_prefix_tokens=1, **hp)
+    head_dim = args.dim // args.heads
+    return Case(
+        variant,
+        lambda: layer(args.dim, num_heads=args.heads, qkv_bias=True),
+        attention_flops(variant, tokens, head_dim, args.heads, **hp),
+    )
+
+
+def _reference_case(name: str, args: argparse.Namespace, tokens: int) -> Case:
+    head_dim = args.dim // args.heads
+    if name == "ref_linformer":
+        from linformer import LinformerSelfAttention
+
+        build = lambda: LinformerSelfAttention(  # noqa: E731
+            dim=args.dim, seq_len=tokens, k=args.rank, heads=args.heads, dim_head=head_dim
+        )
+    elif name == "ref_performer":
+        from performer_pytorch import SelfAttention
+
+        build = lambda: SelfAttention(  # noqa: E731
+            dim=args.dim, heads=args.heads, dim_head=head_dim, nb_features=args.features, causal=False
+        )
+    elif name == "ref_nystrom":
+        from nystrom_attention import NystromAttention
+
+        build = lambda: NystromAttention(  # noqa: E731
+            dim=args.dim, dim_head=head_dim, heads=args.heads, num_landmarks=args.landmarks, residual=False
+        )
+    else:
+        raise ValueError(name)
+    return Case(name, build, None)
+
+
+def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves in one forward (parameters and input excluded)."""
+    excluded = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(seen.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(module: torch.nn.Module, x: torch.Tensor, autocast_dtype: Optional[torch.dtype]) -> None:
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        out = module(x)
+    out.float().square().mean().backward()
+
+
+def measure(args: argparse.Namespace) -> Dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    references = [r for r in REFERENCES if args.reference and importlib.util.find_spec(REFERENCES[r]) is not None]
+    results: List[Dict] = []
+    for tokens in args.tokens:
+        torch.manual_seed(0)
+        cases = [_our_case(v, args, tokens) for v in args.variants] + [_reference_case(r, args, tokens) for r in references]
+        modules = {c.name: c.build().to(device) for c in cases}
+        x = torch.randn(args.batch, tokens, args.dim, device=device)
+        times: Dict[str, List[float]] = {c.name: [] for c in cases}
+        memory: Dict[str, int] = {}
+        for name, module in modules.items():  # warm-up (allocator, kernels) and memory, one variant at a time
+            for _ in range(args.warmup):
+                step(module, x, autocast_dtype)
+                module.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                _sync(device)
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                step(module, x, autocast_dtype)
+                _sync(device)
+                memory[name] = torch.cuda.max_memory_allocated(device) - base
+                module.zero_grad(set_to_none=True)
+            else:
+                with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                    memory[name] = saved_bytes(module, x)
+        for _ in range(args.repeats):  # interleaved: every repeat visits every variant once
+            for name, module in modules.items():
+                _sync(device)
+                start = time.perf_counter()
+                step(module, x, autocast_dtype)
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+                module.zero_grad(set_to_none=True)
+        base_name = "softmax" if "softmax" in times else next(iter(times))
+        base_time = statistics.median(times[base_name])
+        for case in cases:
+            median = statistics.median(times[case.name])
+            results.append(
+                {
+                    "tokens": tokens,
+                    "variant": case.name,
+                    "median_ms": 1e3 * median,
+                    "times_ms": [1e3 * t for t in times[case.name]],
+                    "speedup_vs_sdpa": base_time / median,
+                    "memory_mb": memory[case.name] / 2**20,
+                    "memory_ratio_vs_sdpa": memory[case.name] / max(memory[base_name], 1),
+                    "core_gflops_per_image": None if case.flops is None else case.flops / 1e9,
+                }
+            )
+        print(f"  N={tokens}: done", file=sys.stderr, flush=True)
+    return {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "out"},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "memory_kind": "cuda peak allocated" if device.type == "cuda" else "autograd-saved bytes (CPU)",
+        "results": results,
+    }
+
+
+def format_table(report: Dict) -> str:
+    """Markdown: one row per variant, for each N the speed-up over SDPA and the memory (MB, ratio)."""
+    rows = report["results"]
+    tokens = sorted({r["tokens"] for r in rows})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    by = {(r["variant"], r["tokens"]): r for r in rows}
+    mem = "peak MB" if report["device"].startswith("cuda") else "saved MB"
+    lines = [
+        "| variant | " + " | ".join(f"N={n}: ms (x SDPA) / {mem}" for n in tokens) + " |",
+        "|---|" + "---|" * len(tokens),
+    ]
+    for v in variants:
+        cells = []
+        for n in tokens:
+            r = by.get((v, n))
+            cells.append(
+                "-" if r is None else f"{r['median_ms']:.1f} ({r['speedup_vs_sdpa']:.2f}x) / {r['memory_mb']:.0f}"
+            )
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vitsweep bench attention", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS), help="sequence lengths (1 + square)")
+    p.add_argument("--variants", nargs="+", default=list(OUR_VARIANTS), choices=OUR_VARIANTS)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dim", type=int, default=384, help="embedding width (ViT-S: 384)")
+    p.add_argument("--heads", type=int, default=6, help="heads (ViT-S: 6, head width 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--repeats", type=int, default=5, help="timed, interleaved repeats (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--rank", type=int, default=64, help="linformer k")
+    p.add_argument("--features", type=int, default=64, help="performer / atrous_linear m")
+    p.add_argument("--landmarks", type=int, default=32, help="nystrom m")
+    p.add_argument("--window", type=int, default=3, help="atrous_linear window")
+    p.add_argument("--dilation", type=int, nargs="+", default=[1, 2, 3], help="atrous_linear rates")
+    p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the PyPI reference packages")
+    p.add_argument("--out", help="write the full report (all timings) as JSON here")
+    args = p.parse_args(argv)
+    for n in args.tokens:
+        grid_for(n)
+    if args.dim % args.heads:
+        p.error(f"--dim {args.dim} is not divisible by --heads {args.heads}")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    report = measure(args)
+    print(f"device: {report['device_name']} ({report['device']}, {report['threads']} threads), torch {report['torch']}, "
+          f"batch {args.batch}, dim {args.dim}, heads {args.heads}, {args.precision}; memory: {report['memory_kind']}")
+    print(format_table(report))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
