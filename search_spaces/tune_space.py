@@ -85,15 +85,13 @@ def make_searcher(spec: SweepSpec):
 
 
 def make_scheduler(spec: SweepSpec, epochs: int):
-    """FIFO (None) or ASHA over epochs (`training_iteration`), with the spec's metric and mode."""
+    """FIFO (None) or ASHA over epochs (`training_iteration`); metric and mode come from TuneConfig."""
     if spec.scheduler != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
         time_attr="training_iteration",
-        metric=spec.metric,
-        mode=spec.mode,
         max_t=spec.asha.get("max_t") or epochs,
         grace_period=spec.asha["grace_period"],
         reduction_factor=spec.asha["reduction_factor"],
