@@ -10,7 +10,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: Ray trials and pytest share 2 cores, and OpenMP spinning under
+# oversubscription makes a step several times slower.
+torch.set_num_threads(1)
 
 # A ViT small enough to train in seconds on 2 cores, with an 8x8 patch grid (65 tokens).
 TINY_MODEL = dict(model="vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=2)
