@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .callbacks import Callback, TrainState
 from .config import ConfigError, TrainConfig
-from .metrics import MemoryTracker, Throughput, topk_correct
+from .metrics import MemoryTracker, Throughput, device_peak_tflops, model_flops_utilization, topk_correct
 
 _logger = logging.getLogger(__name__)
 
@@ -263,6 +263,9 @@ def fit(
                 **state.static_metrics,
             }
         )
+        peak = device_peak_tflops(device, cfg.precision)
+        if peak is not None:
+            metrics["throughput/mfu"] = model_flops_utilization(state.static_metrics.get("cost/gflops", 0.0), metrics["throughput/train_img_s"], peak)
         if diverged:
             state.should_stop, state.stop_reason = True, "diverged"
         status = "diverged" if diverged else ("finished" if state.epoch >= cfg.epochs else "running")

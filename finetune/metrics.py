@@ -220,6 +220,33 @@ class Throughput:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+# Dense peak TFLOP/s by (device-name fragment, precision): the published datasheet figures.
+PEAK_TFLOPS = {
+    ("H200", "bf16"): 989.0, ("H200", "fp16"): 989.0, ("H200", "fp32"): 67.0,
+    ("H100", "bf16"): 989.0, ("H100", "fp16"): 989.0, ("H100", "fp32"): 67.0,
+    ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0, ("A100", "fp32"): 19.5,
+    ("L40S", "bf16"): 362.0, ("L4", "bf16"): 121.0, ("A10", "bf16"): 125.0,
+}
+
+
+def device_peak_tflops(device: torch.device, precision: str) -> Optional[float]:
+    """Datasheet dense peak for this GPU and precision, or None where unknown (CPUs, unlisted GPUs)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for (fragment, prec), tflops in PEAK_TFLOPS.items():
+        if fragment in name and prec == precision:
+            return tflops
+    return None
+
+
+def model_flops_utilization(forward_gflops: float, train_img_s: float, peak_tflops: Optional[float]) -> Optional[float]:
+    """Training MFU: 3 x forward FLOPs per image (forward + backward) x images/s over the device peak."""
+    if peak_tflops is None or not forward_gflops:
+        return None
+    return 3.0 * forward_gflops * 1e9 * train_img_s / (peak_tflops * 1e12)
+
+
 def summarize(values: Iterable[float]) -> Dict[str, float]:
     vals: List[float] = [v for v in values if v is not None]
     if not vals:
