@@ -268,7 +268,7 @@ def atrous_linear_attention(
         far_weight: optional [B, H, Np, 1] weight of the random-feature tail ('gate' fusion); None = 1.
     Computed in fp32 with autocast disabled.
     """
-    B, H, N, D = q.shape
+    B, H, N, D = (int(size) for size in q.shape)  # plain ints also under jit tracing (fvcore)
     P = num_prefix_tokens
     hp, wp = grid_size
     Np = hp * wp

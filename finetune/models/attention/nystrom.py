@@ -90,7 +90,7 @@ def nystrom_attention(
 
     Exact softmax when ``landmarks >= N``. Computed in fp32 with autocast disabled.
     """
-    n = q.shape[-2]
+    n = int(q.shape[-2])  # a plain int also under jit tracing (fvcore)
     if landmarks >= n:
         return softmax_attention(q, k, v)  # (B, H, N, D)
     with torch.autocast(device_type=q.device.type, enabled=False):
