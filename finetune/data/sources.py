@@ -131,7 +131,8 @@ def _folder_pair(root, classes, skip_bad, train_tf, eval_tf):
         classes = splits["train"][1]
     else:
         for split, (d, found) in splits.items():
-            missing = [c for c in classes if c not in set(found)]
+            present = set(found)
+            missing = [c for c in classes if c not in present]
             if missing:
                 hint = " (ImageNet's val/ must be sorted into wnid folders first)" if len(missing) == len(classes) else ""
                 raise DataError(
