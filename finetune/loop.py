@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -111,6 +111,7 @@ def evaluate(
     topk: Sequence[int],
     autocast_dtype: Optional[torch.dtype] = None,
     max_batches: Optional[int] = None,
+    batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Dict[str, float]:
     """``val/loss`` and ``val/acc{k}`` (fractions in [0, 1]) plus ``throughput/eval_img_s``."""
     model.eval()
@@ -125,6 +126,8 @@ def evaluate(
                 break
             images = images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
+            if batch_transform is not None:
+                images = batch_transform(images)  # uint8 (B, 3, H, W) -> float (B, 3, h, w)
             with _autocast(device, autocast_dtype):
                 logits = model(images)  # (B, classes)
             loss_sum += criterion(logits.float(), target)
@@ -159,12 +162,16 @@ def fit(
     resume: Optional[Dict[str, Any]] = None,
     static_metrics: Optional[Dict[str, Any]] = None,
     progress: bool = True,
+    train_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    eval_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Dict[str, Any]:
     """Fine-tune `model` for ``cfg.epochs`` epochs; returns ``{"status", "metrics", "history"}``.
 
     `resume` is a `finetune.checkpoint.read_checkpoint` result: weights, optimizer, scheduler, scaler,
     RNG state and counters are restored and training continues at the next epoch. `static_metrics`
-    (params, FLOPs) are merged into every epoch's metrics. A non-finite training loss stops the run
+    (params, FLOPs) are merged into every epoch's metrics. `train_batch_transform` /
+    `eval_batch_transform` run on the device after the copy (the decode-once cache path does its
+    crop, flip and normalisation there). A non-finite training loss stops the run
     with status ``diverged`` (reported as a metric, not raised).
     """
     from .checkpoint import restore_checkpoint
@@ -208,6 +215,8 @@ def fit(
                         break
                     images = images.to(device, non_blocking=True)  # (B, 3, H, W)
                     target = target.to(device, non_blocking=True)  # (B,)
+                    if train_batch_transform is not None:
+                        images = train_batch_transform(images)  # uint8 (B, 3, H, W) -> float (B, 3, h, w)
                     soft_target = target
                     if mixup is not None and images.shape[0] % 2 == 0:
                         images, soft_target = mixup(images, target)  # soft_target: (B, classes)
@@ -252,7 +261,7 @@ def fit(
                 metrics["throughput/eval_img_s"] = 0.0
                 diverged = True
             else:
-                metrics.update(evaluate(forward_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches))
+                metrics.update(evaluate(forward_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, eval_batch_transform))
         state.epoch = epoch + 1
         metrics.update(
             {

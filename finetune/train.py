@@ -158,6 +158,7 @@ def run_training(
         result = fit(
             model, train_loader, val_loader, cfg, callbacks,
             num_classes=bundle.num_classes, device=device, resume=resume, static_metrics=static, progress=progress,
+            train_batch_transform=bundle.train_batch_transform, eval_batch_transform=bundle.eval_batch_transform,
         )
     finally:
         if writer is not None:
@@ -215,5 +216,7 @@ def _write_sample_grid(writer, loader, bundle, preprocessing, plot_grid, n: int 
     if not images:
         return
     batch = torch.cat(images)[:n]
+    if bundle.eval_batch_transform is not None:  # cache path: uint8 on disk, normalised on the device
+        batch = bundle.eval_batch_transform(batch)
     fig = plot_grid(batch, labels[:n], bundle.class_names, None, preprocessing.mean, preprocessing.std)
     writer.figure("samples/val", fig, step=0)

@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -42,6 +43,10 @@ class DataBundle:
     spec: str
     preprocessing: Preprocessing
     skipped_images: int = 0
+    # Batch transforms run by the loop on the device after the copy (decode-once cache path):
+    # uint8 [B, 3, H, W] -> normalised float [B, 3, h, w]. None: datasets already yield model inputs.
+    train_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    eval_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 def build_data(spec: str, preprocessing: Preprocessing, *, skip_bad_images: bool = False, seed: int = 0) -> DataBundle:
