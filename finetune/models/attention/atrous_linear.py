@@ -23,7 +23,11 @@ are added inside *one* normalisation (DESIGN.md)::
     out_i = num_i / den_i
 
 Unlike averaging a local and a global output, this is an estimator of softmax attention whose error
-comes only from the tail, and it is exact when the window covers the whole grid (empty tail). Prefix
+comes only from the tail, and it is exact when the window covers the whole grid (empty tail; a head
+group whose window reaches every patch from every patch drops its tail outright instead of computing
+it as "global minus window", which would leave fp32 cancellation noise). The module refuses windows
+wider than the grid (see Hyperparameters), so that limit is reached through `atrous_linear_attention`,
+which accepts any window. Prefix
 (CLS / register) tokens are exact both ways: a prefix query attends to all N keys with softmax, and
 every patch query has the prefix keys as exact terms (O(N P D)).
 
@@ -56,13 +60,16 @@ tensor is ever formed.
 
 fusion='gate' (for comparison, ACC-ViT-style gating between the atrous and the global branch): the
 tail terms are scaled by a learned, input-dependent ``g_i = 2 sigmoid(q_i . a_h + b_h)`` per head,
-i.e. ``num_i = exact_i + g_i tail_i`` (same in den_i). ``a: [H, D]`` and ``b: [H]`` are the only new
-parameters; they start at zero, so g = 1 and a gated model starts as exactly the 'sum' model (and a
+i.e. ``num_i = exact_i + g_i tail_i`` (same in den_i). ``a`` (`gate_weight`, [H, D, 1]) and ``b``
+(`gate_bias`, [H, 1, 1]) are the only new parameters; they start at zero, so g = 1 and a gated model starts as exactly the 'sum' model (and a
 pretrained softmax ViT's weights transfer the same way).
+
+`attn_drop` is not applied (no full attention matrix exists to drop).
 
 Hyperparameters:
     dilation: tuple of rates >= 1, one per head group (default (1, 2, 3)).
-    window: odd neighbourhood side >= 1; the span (window - 1) * r + 1 must fit in min(Hp, Wp).
+    window: odd neighbourhood side >= 1; the module requires the span (window - 1) * r + 1 to fit in
+        min(Hp, Wp) for every rate r (default 3).
     features (m): random features for the tail, >= 1 (default 64).
     fusion: 'sum' (one normalised estimate) or 'gate' (learned tail weight).
 """

@@ -20,7 +20,8 @@ exact softmax is returned.
 Optional residual: a depthwise convolution over the sequence axis of v, kernel ``(conv_kernel, 1)``,
 one filter per head (as in the paper's code), added to the output; it is the only new parameter.
 
-Cost per head: O(N m D + m^3 * pinv_iterations) time, O(N m + m^2) memory.
+Cost per head: O(N m D + m^3 * pinv_iterations) time, O(N m + m^2) memory. `attn_drop` is not
+applied (as in the paper's code, the three kernels are not dropped out).
 
 Hyperparameters:
     landmarks (m): number of landmarks, >= 1 (default 32).

@@ -26,6 +26,8 @@ Hyperparameters:
         redraws (default None). Redrawing happens only in training mode.
     kernel: 'softmax' (FAVOR+, unbiased softmax estimate) or 'relu'.
 
+`attn_drop` is not applied: no attention matrix is ever formed.
+
 The projection matrix is a persistent buffer: checkpoints restore exactly the features a model was
 trained with. It is drawn from torch's global RNG (training is seeded globally).
 """

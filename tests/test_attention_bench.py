@@ -1,0 +1,35 @@
+"""`benchmarks.attention`: runs end to end on a toy configuration and writes a complete report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.attention import OUR_VARIANTS, format_table, main, parse_args
+
+
+def test_attention_benchmark_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--tokens", "26", "50", "--batch", "1", "--repeats", "2", "--dim", "32", "--heads", "2", "--rank", "4",
+            "--features", "4", "--landmarks", "4", "--window", "3", "--dilation", "1", "2", "--threads", "1",
+            "--device", "cpu", "--no-reference", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["memory_kind"].startswith("autograd-saved")
+    rows = {(r["variant"], r["tokens"]): r for r in report["results"]}
+    assert set(rows) == {(v, n) for v in OUR_VARIANTS for n in (26, 50)}
+    for (variant, _), r in rows.items():
+        assert len(r["times_ms"]) == 2 and r["median_ms"] > 0 and r["memory_mb"] > 0
+        assert r["core_gflops_per_image"] > 0
+        if variant == "softmax":
+            assert r["speedup_vs_sdpa"] == 1.0
+    printed = capsys.readouterr().out
+    assert format_table(report) in printed and "| atrous_linear |" in printed
+
+
+@pytest.mark.parametrize("argv,needle", [(["--tokens", "200"], "1 + a square"), (["--dim", "30", "--heads", "4"], "divisible")])
+def test_attention_benchmark_rejects_bad_geometry(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert needle in str(exit_info.value.code) + capsys.readouterr().err
