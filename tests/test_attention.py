@@ -235,6 +235,16 @@ def test_performer_error_falls_with_features():
     assert errors[-1] < 0.5 * errors[0], errors
 
 
+def test_performer_relu_kernel_is_a_positive_average():
+    q, k, v = qkv(N=40, D=16, seed=4)
+    W = orthogonal_random_features(32, 16, torch.Generator().manual_seed(0))
+    out = performer_attention(q, k, v, W, kernel="relu")
+    # Positive weights normalised to one: every output coordinate lies within the values' range.
+    lo, hi = v.amin(dim=2, keepdim=True), v.amax(dim=2, keepdim=True)
+    assert ((out >= lo - 1e-5) & (out <= hi + 1e-5)).all()
+    assert rel_err(out, softmax_attention(q, k, v, fused=False)) > 1e-3  # a different kernel, not softmax
+
+
 @pytest.mark.parametrize("m", [16, 64])
 @pytest.mark.parametrize(
     "inputs,margin",

@@ -41,7 +41,7 @@ def _case(variant, grid, prefix, hp):
         return (lambda q, k, v: linformer_attention(q, k, v, E, Fm)), [E, Fm], N, hp
     if variant == "performer":
         W = orthogonal_random_features(hp["features"], D)
-        return (lambda q, k, v: performer_attention(q, k, v, W)), [W], N, hp
+        return (lambda q, k, v: performer_attention(q, k, v, W, kernel=hp.get("kernel", "softmax"))), [W], N, hp
     if variant == "nystrom":
         return (lambda q, k, v: nystrom_attention(q, k, v, hp["landmarks"], hp["pinv_iterations"])), [], N, hp
     if variant == "atrous_linear":
@@ -57,6 +57,7 @@ CASES = [
     ("linformer", (14, 14), 1, {"rank": 64}),
     ("performer", (7, 9), 1, {"features": 24}),
     ("performer", (14, 14), 1, {"features": 64}),
+    ("performer", (7, 9), 1, {"features": 24, "kernel": "relu"}),
     ("nystrom", (7, 9), 1, {"landmarks": 12, "pinv_iterations": 6}),
     ("nystrom", (14, 14), 1, {"landmarks": 32, "pinv_iterations": 3}),
     ("atrous_linear", (7, 9), 1, {"features": 24, "window": 5, "dilation": (1, 2, 3)}),

@@ -128,8 +128,10 @@ def attention_activation_bytes(
         elems = N * D + 2 * k * D + N * k  # q * scale; K', V'; attention (N x k)
     elif variant == "performer":
         m = hparams.get("features", 64)
-        # scaled q, k; exponents, their exps and features of q and k; [V,1] and the output; context
-        elems = 2 * N * D + 6 * N * m + 2 * N * (D + 1) + N + m * (D + 1)
+        # scaled q, k; exponents, their exps and features of q and k (relu: pre-activations and
+        # features); [V,1] and the output; context
+        feature_maps = 3 * N * m if hparams.get("kernel", "softmax") == "relu" else 6 * N * m + N
+        elems = 2 * N * D + feature_maps + 2 * N * (D + 1) + m * (D + 1)
     elif variant == "nystrom":
         m = hparams.get("landmarks", 32)
         iters = hparams.get("pinv_iterations", 6)
