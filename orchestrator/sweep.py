@@ -95,7 +95,9 @@ def init_ray(address: Optional[str], num_cpus: Optional[float], num_gpus: Option
         ray.init(address=address, log_to_driver=True)
         return
     with_dashboard = dashboard_available()
-    kwargs: Dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "include_dashboard": with_dashboard}
+    # address="local": always a new instance, never a stray cluster left by `ray start` on this machine
+    kwargs: Dict[str, Any] = {"address": "local", "num_cpus": num_cpus, "num_gpus": num_gpus,
+                              "include_dashboard": with_dashboard}
     if with_dashboard:
         kwargs["dashboard_host"] = "127.0.0.1"
     ray.init(**kwargs)

@@ -22,7 +22,7 @@ FIXED = {"model": "vit_tiny_patch16_224", "pretrained": False, "pretrained_tag":
 
 @pytest.fixture(scope="module")
 def ray_two_gpus():
-    ray.init(num_cpus=4, num_gpus=2, object_store_memory=80 * 1024**2, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=2, object_store_memory=80 * 1024**2, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -7,10 +7,12 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,8 +64,12 @@ def test_job_submit_runs_the_smoke_preset_on_a_local_head(tmp_path, monkeypatch)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
+    # A private temp dir (short: it holds Unix sockets) keeps this head's address file away from
+    # /tmp/ray, where a later ray.init() in another test would find it.
+    temp_dir = tempfile.mkdtemp(prefix="vsray", dir="/tmp")
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0", "--port", str(gcs),
+        [RAY, "start", "--head", "--block", "--temp-dir", temp_dir, "--num-cpus", "2", "--num-gpus", "0",
+         "--port", str(gcs),
          "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
          "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_http),
          "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics)],
@@ -97,3 +103,4 @@ def test_job_submit_runs_the_smoke_preset_on_a_local_head(tmp_path, monkeypatch)
             except subprocess.TimeoutExpired:
                 os.killpg(head.pid, signal.SIGKILL)
                 head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -21,7 +21,7 @@ TINY = {"data": "synthetic:classes=5,size=32,n=40,n_val=20", "epochs": 2, "batch
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False)
     yield
     ray.shutdown()
 
