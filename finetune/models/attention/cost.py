@@ -147,7 +147,7 @@ def attention_activation_bytes(
         elems = (
             P * D + P * N  # prefix queries: scaled q, attention over all N keys
             + 6 * Np * D  # q, k scaled for the features; scaled q, k, v, and the tail's values for the windows
-            + 6 * Np * m  # feature exponents' exps, phi(k) (and its transposed copy), phi(q) (and a copy)
+            + 8 * Np * m  # exps of the feature exponents, kernel parts e(q), e(k), phi(k) (+ transposed copy), phi(q)
             + Np * (D + 1) + m * (D + 1)  # [V,1]; context
             + 4 * Np * w2  # window logits, exact weights, phi terms, combined weights
             + 4 * Np + 4 * Np * P  # denominators and tail weights; prefix logits and weights

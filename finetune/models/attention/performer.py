@@ -11,11 +11,14 @@ rows rescaled to chi-distributed norms), giving positive features ``phi(x) = m^(
 
     out = phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)
 
-Max-stabilisers, as in the reference ``performer-pytorch`` ``softmax_kernel``: every query row is
-divided by its own maximum and all keys of a (batch, head) by one global maximum; both cancel in the
-ratio. Here the maxima are taken of the full exponent (``W x' - |x'|^2 / 2``), so the largest feature
-is exactly ``m^(-1/2)`` and the small ``eps`` that keeps denominators positive adds a bias of at most
-``eps`` relative to it. Features and both products are computed in fp32 (also under autocast).
+Max-stabilisers and eps exactly as in the reference ``performer-pytorch`` ``softmax_kernel``:
+``phi(x) = m^(-1/2) (exp(W x' - |x'|^2/2 - c) + eps)`` with ``c`` the row maximum of ``W q'`` for a
+query and one global maximum of ``W k'`` over all keys of a (batch, head) for keys, ``eps = 1e-4``.
+Every exponent is <= 0. The maxima alone would cancel in the ratio; with eps added after them they do
+not quite: eps gives every key a small uniform weight, a shrinkage towards plain averaging that keeps
+denominators positive and, on inputs where FAVOR+'s variance is large (large |q|, |k|), lowers the
+error a lot (on iid N(0, 1) q, k with D = 64, from ~2.8 to ~0.9 relative error at m = 64).
+Features and both products are computed in fp32 (also under autocast).
 ``kernel='relu'`` uses ``phi(x) = relu(W x') + eps`` instead (the generalised-kernel Performer).
 
 Cost per head: O(N m D) time, O(N m + m D) memory (versus O(N^2 D) and O(N^2) for softmax).
@@ -24,7 +27,7 @@ Hyperparameters:
     features (m): number of random features, >= 1 (default 64).
     redraw_interval: redraw the projection every this many training forward calls; None or 0 never
         redraws (default None). Redrawing happens only in training mode.
-    kernel: 'softmax' (FAVOR+, unbiased softmax estimate) or 'relu'.
+    kernel: 'softmax' (FAVOR+ estimate of softmax) or 'relu'.
 
 `attn_drop` is not applied: no attention matrix is ever formed.
 
@@ -43,8 +46,8 @@ from .base import AttentionBase, AttentionConfigError
 from .registry import register_attention
 
 PERFORMER_KERNELS = ("softmax", "relu")
-# Keeps every feature strictly positive; relative to the largest feature (which is 1 / sqrt(m)).
-SOFTMAX_KERNEL_EPS = 1e-6
+# Added to every stabilised softmax-kernel feature (performer-pytorch's default).
+SOFTMAX_KERNEL_EPS = 1e-4
 RELU_KERNEL_EPS = 1e-3
 
 
@@ -83,12 +86,11 @@ def orthogonal_random_features(
     return (directions * norms[:, None]).to(device)  # (m, D)
 
 
-def _softmax_feature_exponent(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    """The exponent ``W x' - |x'|^2 / 2`` with ``x' = x D^(-1/4)``. x: [B, H, N, D] fp32 -> [B, H, N, m]."""
-    normaliser = x.shape[-1] ** -0.25
-    x = x * normaliser
+def softmax_feature_parts(x: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W x', |x'|^2 / 2)`` with ``x' = x D^(-1/4)``. x: [B, H, N, D] fp32 -> [B, H, N, m], [B, H, N, 1]."""
+    x = x * x.shape[-1] ** -0.25
     proj = x @ projection.t()  # (B, H, N, m)
-    return proj - 0.5 * (x * x).sum(dim=-1, keepdim=True)  # (B, H, N, m)
+    return proj, 0.5 * (x * x).sum(dim=-1, keepdim=True)  # (B, H, N, m), (B, H, N, 1)
 
 
 def favor_features(
@@ -99,18 +101,19 @@ def favor_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positive random features phi(q), phi(k): [B, H, N, D] -> [B, H, N, m], in fp32.
 
-    Softmax kernel: per-query-row max stabiliser for q, one global max per (batch, head) for k.
+    Softmax kernel: per-query-row max stabiliser for q, one global max per (batch, head) for k, then
+    eps, as performer-pytorch's ``softmax_kernel``.
     """
     q, k, projection = q.float(), k.float(), projection.float()
     m = projection.shape[0]
     if kernel == "softmax":
         ratio = m**-0.5
-        eq = _softmax_feature_exponent(q, projection)  # (B, H, N, m)
-        ek = _softmax_feature_exponent(k, projection)  # (B, H, N, m)
-        eq = eq - eq.amax(dim=-1, keepdim=True).detach()
-        ek = ek - ek.amax(dim=(-2, -1), keepdim=True).detach()
-        phi_q = ratio * (eq.exp() + SOFTMAX_KERNEL_EPS)  # (B, H, N, m)
-        phi_k = ratio * (ek.exp() + SOFTMAX_KERNEL_EPS)  # (B, H, N, m)
+        proj_q, diag_q = softmax_feature_parts(q, projection)  # (B, H, N, m), (B, H, N, 1)
+        proj_k, diag_k = softmax_feature_parts(k, projection)  # (B, H, N, m), (B, H, N, 1)
+        c_q = proj_q.amax(dim=-1, keepdim=True).detach()  # (B, H, N, 1)
+        c_k = proj_k.amax(dim=(-2, -1), keepdim=True).detach()  # (B, H, 1, 1)
+        phi_q = ratio * ((proj_q - diag_q - c_q).exp() + SOFTMAX_KERNEL_EPS)  # (B, H, N, m)
+        phi_k = ratio * ((proj_k - diag_k - c_k).exp() + SOFTMAX_KERNEL_EPS)  # (B, H, N, m)
         return phi_q, phi_k
     if kernel == "relu":
         normaliser = q.shape[-1] ** -0.25
