@@ -1,6 +1,9 @@
 """Data for fine-tuning: `--data SPEC` sources, timm preprocessing (logged to preprocessing.json),
-loaders with reproducible order, and image grids for sanity checks."""
+loaders with reproducible order, image grids for sanity checks, and the decode-once cache (uint8
+images on disk, crop/flip/normalise in batches on the device)."""
 
+from .cache import CacheDataset, build_cache, check_cache_dir, verify_cache
+from .gpu_transforms import BatchEvalTransform, BatchTrainTransform
 from .loaders import EpochGenerator, ReseedableSampler, build_loaders, seed_worker
 from .plots import plot_grid, show_data
 from .preprocessing import Preprocessing, denormalize, normalize, resolve_preprocessing
@@ -16,6 +19,9 @@ from .spec import DataError, DataSpec, check_data_spec, parse_data_spec
 from .synthetic import SyntheticShapes
 
 __all__ = [
+    "BatchEvalTransform",
+    "BatchTrainTransform",
+    "CacheDataset",
     "IMAGENET100_HUB_ID",
     "DataBundle",
     "DataError",
@@ -26,8 +32,10 @@ __all__ = [
     "Preprocessing",
     "ReseedableSampler",
     "SyntheticShapes",
+    "build_cache",
     "build_data",
     "build_loaders",
+    "check_cache_dir",
     "check_data_spec",
     "denormalize",
     "imagenet100_wnids",
@@ -37,4 +45,5 @@ __all__ = [
     "resolve_preprocessing",
     "seed_worker",
     "show_data",
+    "verify_cache",
 ]

@@ -4,6 +4,8 @@
 - imagefolder:  torchvision-style `train/` and `val/` class folders (`FolderDataset`).
 - hf:           a Hugging Face `datasets` DatasetDict, from `save_to_disk` or the hub (`HFImageDataset`).
 - imagenet100:  the 100 CMC classes, from the hub copy, a save_to_disk copy, or an ImageNet-1k folder.
+- cache:        a decode-once uint8 cache (`finetune.data.cache`); its datasets yield uint8 [3, S, S]
+                and the bundle's batch transforms do the rest on the device.
 """
 
 from __future__ import annotations
@@ -61,7 +63,23 @@ def build_data(spec: str, preprocessing: Preprocessing, *, skip_bad_images: bool
             by their files and ignore it.
     """
     ds = check_data_spec(spec)
-    train_tf, eval_tf = preprocessing.train_transform(), preprocessing.eval_transform()
+    if ds.kind == "cache":
+        from .cache import build_cache_data
+
+        return build_cache_data(ds.target, spec, preprocessing)
+    train, val, names, skipped = build_sources(
+        spec, preprocessing.train_transform(), preprocessing.eval_transform(), skip_bad_images=skip_bad_images, seed=seed
+    )
+    return DataBundle(train, val, list(names), len(names), spec, preprocessing, skipped)
+
+
+def build_sources(spec: str, train_tf: Optional[Callable], eval_tf: Optional[Callable], *, skip_bad_images: bool = False, seed: int = 0):
+    """(train, val, class_names, skipped) of an image source (not `cache:`) with per-image transforms
+    `train_tf` / `eval_tf` applied to PIL images (None: yield the PIL images). `build_data` uses it with
+    timm's transforms, `finetune.data.cache.build_cache` with a plain resize."""
+    ds = check_data_spec(spec)
+    if ds.kind == "cache":
+        raise DataError(f"data spec {spec!r} is already a decoded cache; give the source it was built from")
     skipped = 0
     if ds.kind == "synthetic":
         o = ds.options
@@ -75,7 +93,7 @@ def build_data(spec: str, preprocessing: Preprocessing, *, skip_bad_images: bool
         train, val, names = _hf_pair(ds.target, train_tf, eval_tf)
     else:
         train, val, names, skipped = _imagenet100(ds.target, skip_bad_images, train_tf, eval_tf)
-    return DataBundle(train, val, list(names), len(names), spec, preprocessing, skipped)
+    return train, val, list(names), skipped
 
 
 # ---------------------------------------------------------------------------------------- folders

@@ -8,9 +8,11 @@ Grammar (one of):
     hf:<hub id | local dir>        a local dir must come from `DatasetDict.save_to_disk`
     imagenet100[:<dir>]            hub copy by default; a local dir is a save_to_disk copy or an
                                    ImageNet-1k style folder (train/ and val/ with wnid folders)
+    cache:<dir>                    a decode-once uint8 cache written by `vitsweep data cache`
+                                   (`finetune.data.cache`)
 
-For `imagefolder`, `hf` and `imagenet100` everything after the first ':' is the target, so paths may
-contain ',' or '='.
+For `imagefolder`, `hf`, `imagenet100` and `cache` everything after the first ':' is the target, so
+paths may contain ',' or '='.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-KINDS = ("imagenet100", "hf", "imagefolder", "synthetic")
+KINDS = ("imagenet100", "hf", "imagefolder", "synthetic", "cache")
 # (default, minimum) of each synthetic option; the maximum of `classes` lives in synthetic.py.
 # seed=None: `build_data(..., seed=)` chooses the images.
 SYNTHETIC_OPTIONS: Dict[str, tuple] = {
@@ -58,8 +60,8 @@ def parse_data_spec(spec: str) -> DataSpec:
         raise DataError(f"unknown data kind {kind!r} in spec {spec!r}{hint}; allowed kinds: {', '.join(KINDS)}")
     if kind == "synthetic":
         return DataSpec("synthetic", None, _parse_synthetic_options(rest, spec) if sep else _synthetic_defaults())
-    if kind in ("imagefolder", "hf") and not rest:
-        what = "a directory" if kind == "imagefolder" else "a hub id or a local save_to_disk directory"
+    if kind in ("imagefolder", "hf", "cache") and not rest:
+        what = "a hub id or a local save_to_disk directory" if kind == "hf" else "a directory"
         raise DataError(f"data spec {spec!r} needs a target: '{kind}:<{what}>'")
     if kind == "imagenet100" and sep and not rest:
         raise DataError(f"data spec {spec!r} has an empty directory; use 'imagenet100' or 'imagenet100:<dir>'")
@@ -89,6 +91,10 @@ def check_data_spec(spec: str) -> DataSpec:
             raise DataError(
                 f"hf target {ds.target!r} is neither an existing directory nor a hub id like 'user/name'"
             )
+    elif ds.kind == "cache":
+        from .cache import check_cache_dir
+
+        check_cache_dir(ds.target)
     elif ds.kind == "imagenet100" and ds.target is not None:
         target = ds.target
         if not os.path.isdir(target):
