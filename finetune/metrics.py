@@ -70,8 +70,26 @@ def _example_input(model: torch.nn.Module, img_size: Sequence[int]) -> torch.Ten
     return torch.zeros(1, 3, *img_size, device=param.device, dtype=param.dtype)
 
 
+def uncounted_attention_flops(model: torch.nn.Module) -> int:
+    """FLOPs the counters cannot see: attention variants that do multiply-adds elementwise
+    (atrous_linear's shifted window products), from the analytic model in `attention.cost`."""
+    from .models.attention import AttentionBase
+    from .models.attention.cost import uncounted_flops
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, AttentionBase) and module.num_tokens is not None:
+            hp = {k: getattr(module, k) for k in module.hparams if hasattr(module, k)}
+            total += uncounted_flops(
+                getattr(module, "variant_name", ""), module.num_tokens, module.head_dim, module.num_heads,
+                num_prefix_tokens=module.num_prefix_tokens, **hp,
+            )
+    return total
+
+
 def count_flops(model: torch.nn.Module, img_size: Sequence[int]) -> int:
-    """Forward FLOPs for one image (FlopCounterMode; 2 per multiply-add)."""
+    """Forward FLOPs for one image (FlopCounterMode; 2 per multiply-add), plus the analytic count of
+    what it cannot see (`uncounted_attention_flops`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
@@ -81,11 +99,12 @@ def count_flops(model: torch.nn.Module, img_size: Sequence[int]) -> int:
             model(_example_input(model, img_size))
     finally:
         model.train(was_training)
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()) + uncounted_attention_flops(model)
 
 
 def count_macs_fvcore(model: torch.nn.Module, img_size: Sequence[int]) -> Optional[int]:
-    """Forward MACs for one image by fvcore's jit-traced counter; None where fvcore is not installed."""
+    """Forward MACs for one image by fvcore's jit-traced counter (plus the analytic uncounted part);
+    None where fvcore is not installed."""
     try:
         from fvcore.nn import FlopCountAnalysis
     except ImportError:
@@ -102,7 +121,7 @@ def count_macs_fvcore(model: torch.nn.Module, img_size: Sequence[int]) -> Option
             total = analysis.total()
     finally:
         model.train(was_training)
-    return int(total)
+    return int(total) + uncounted_attention_flops(model) // 2
 
 
 def cost_metrics(model: torch.nn.Module, img_size: Sequence[int]) -> Dict[str, Optional[float]]:

@@ -44,3 +44,20 @@ def test_memory_on_cpu_is_not_available_never_zero():
     with MemoryTracker(torch.device("cpu")) as mem:
         torch.randn(100, 100) @ torch.randn(100, 100)
     assert set(mem.metrics().values()) == {None}
+
+
+def test_atrous_window_products_are_added_to_the_counted_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from finetune.metrics import uncounted_attention_flops
+    from finetune.models.attention.cost import uncounted_flops
+
+    model = build_vit("vit_tiny_patch16_224", 10, img_size=32, patch_size=4, depth=2, variant="atrous_linear",
+                      attn_hparams={"dilation": (1, 2, 3), "window": 3, "features": 16}).eval()
+    extra = uncounted_attention_flops(model)
+    assert extra == 2 * uncounted_flops("atrous_linear", 65, 64, 3, num_prefix_tokens=1, window=3, features=16) > 0
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 32, 32))
+    assert count_flops(model, (32, 32)) == counter.get_total_flops() + extra
