@@ -11,10 +11,13 @@ gradients, a few shapes, pixel noise) into an image folder, then measures on the
                (`BatchTrainTransform`: crop, flip, normalise) on each batch: all N cores augment.
 - cache/main:  N workers only read; the batched transform runs in the main process, as
                `finetune.loop.fit` runs it (on a GPU box it runs on the GPU instead).
-- cache/threads: no worker processes: the main process reads and runs the transform on N threads
-               (sub-batches), so no batch crosses a process boundary.
+- cache/threads: no worker processes: the main process reads and runs the transform with N threads
+               (`BatchTrainTransform(threads=N)`; what `fit` does with --num-workers 0 and N torch
+               threads), so no batch crosses a process boundary.
 
-Repeats are interleaved (jpeg, cache/workers, cache/main, jpeg, ...) and each lasts at least
+The run raises glibc's mmap threshold (`--mmap-threshold-mb`, see `raise_mmap_threshold`) for
+both pipelines alike; it matters to the batched path only, whose 38.5 MB output batches otherwise
+page-fault on every allocation. Repeats are interleaved (jpeg, cache/workers, cache/main, jpeg, ...) and each lasts at least
 `--min-seconds`; the table gives the median images/s and the median of the per-repeat ratios to jpeg.
 """
 
@@ -83,23 +86,6 @@ class _TransformCollate:
         return self.transform(images, out=out), labels  # float (B, 3, 224, 224)
 
 
-class _Threaded:
-    """The batched transform on `threads` sub-batches at once (torch kernels release the GIL), writing
-    into one output batch: several cores without worker processes or inter-process copies."""
-
-    def __init__(self, transform, threads: int) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.transform, self.threads = transform, threads
-        self.pool = ThreadPoolExecutor(threads)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty((x.shape[0], 3) + tuple(self.transform.out))  # (B, 3, 224, 224)
-        parts = zip(x.chunk(self.threads), out.chunk(self.threads))
-        list(self.pool.map(lambda p: self.transform(p[0], out=p[1]), parts))
-        return out
-
-
 def _images_per_second(loader: DataLoader, min_seconds: float, batch_transform: Optional[Callable] = None) -> float:
     """Whole passes over `loader` until `min_seconds` have elapsed; images delivered per second."""
     seen, start = 0, time.perf_counter()
@@ -113,6 +99,24 @@ def _images_per_second(loader: DataLoader, min_seconds: float, batch_transform: 
             return seen / elapsed
 
 
+def raise_mmap_threshold(nbytes: int) -> bool:
+    """glibc serves blocks above M_MMAP_THRESHOLD (dynamic, at most 32 MiB by default) with fresh
+    mmaps whose pages fault on first touch: a 64 x 224 px float batch (38.5 MB) costs ~22 ms of page
+    faults each time here. Raising the threshold (what MALLOC_MMAP_THRESHOLD_ does) lets batches
+    reuse heap memory. Process-wide and inherited by forked workers, so both pipelines run with it."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return libc.mallopt(m_mmap_threshold, nbytes) == 1 and libc.mallopt(m_trim_threshold, 4 * nbytes) == 1
+
+
 def _cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -122,9 +126,10 @@ def _cpu_model() -> str:
 
 
 def run(args: argparse.Namespace) -> Dict:
-    from finetune.data import Preprocessing, build_cache, build_data
+    from finetune.data import BatchTrainTransform, Preprocessing, build_cache, build_data
 
     torch.set_num_threads(args.threads)
+    malloc_tuned = args.mmap_threshold_mb > 0 and raise_mmap_threshold(args.mmap_threshold_mb * 2**20)
     prep = Preprocessing(
         (3, 224, 224), "bicubic", 0.875, "center", IMAGENET_MEAN, IMAGENET_STD, augment="timm", color_jitter=None
     )
@@ -148,7 +153,7 @@ def run(args: argparse.Namespace) -> Dict:
             "cache/main": (DataLoader(cache.train, **common), cache.train_batch_transform),
             "cache/threads": (
                 DataLoader(cache.train, **{**common, "num_workers": 0, "persistent_workers": False}),
-                _Threaded(cache.train_batch_transform, max(1, args.workers)),
+                BatchTrainTransform(prep, threads=max(1, args.workers)),
             ),
         }
         for loader, tf in loaders.values():  # start workers, warm caches
@@ -167,6 +172,7 @@ def run(args: argparse.Namespace) -> Dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": _cpu_model(), "cores": torch.multiprocessing.cpu_count(), "torch": torch.__version__},
         "args": vars(args),
+        "malloc_mmap_threshold_set": malloc_tuned,
         "jpeg": {"train_images": args.images, "bytes": jpeg_bytes, "write_s": round(write_s, 2)},
         "cache": {
             "size": args.cache_size,
@@ -186,8 +192,8 @@ def table(result: Dict) -> str:
     rows = [
         ("jpeg", f"JPEG: PIL decode + timm RandomResizedCrop 224/flip/normalise, {w} workers"),
         ("cache/workers", f"cache 256 uint8: read + batched crop/flip/normalise in {w} workers"),
-        ("cache/main", f"cache 256 uint8: {w} workers read, batched transform in the main process"),
-        ("cache/threads", f"cache 256 uint8: main process reads, batched transform on {max(1, w)} threads"),
+        ("cache/main", f"cache 256 uint8: {w} workers read, batched transform in the main process ({result['args']['threads']} torch thread(s))"),
+        ("cache/threads", f"cache 256 uint8: main process reads + batched transform on {max(1, w)} threads, no workers"),
     ]
     lines = ["| pipeline | img/s (median) | x JPEG (median of ratios) |", "|---|---|---|"]
     for key, label in rows:
@@ -207,6 +213,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=3.0, help="minimum duration of one measurement")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
+    parser.add_argument(
+        "--mmap-threshold-mb", type=int, default=128,
+        help="raise glibc's M_MMAP_THRESHOLD to this many MiB for the whole run, both pipelines (0: leave it)",
+    )
     parser.add_argument("--workdir", default=None, help="keep the JPEGs and the cache here (default: a temp dir, removed)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)

@@ -237,6 +237,17 @@ def test_flip_probability_and_rng_reproducibility():
     torch.testing.assert_close(tf(x), out, atol=0, rtol=0)  # the global RNG decides everything
 
 
+def test_threads_share_the_work_without_changing_the_output():
+    x = torch.randint(0, 256, (9, 3, 40, 40), dtype=torch.uint8)
+    outs = []
+    for threads in (1, 3):
+        torch.manual_seed(5)
+        outs.append(BatchTrainTransform(prep(size=24, color_jitter=0.3), threads=threads)(x))
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    with pytest.raises(DataError, match="threads=0"):
+        BatchTrainTransform(prep(), threads=0)
+
+
 def test_loop_and_roi_resample_the_same_boxes():
     """Same RNG state -> same boxes; the two resamplers differ only in the filter, so on a smooth image
     their outputs agree closely (a swapped x/y or an off-by-one box would not)."""

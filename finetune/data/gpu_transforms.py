@@ -22,6 +22,7 @@ the crops and flips of the epochs after a resume; on CPU a resumed run is identi
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -154,11 +155,18 @@ class BatchTrainTransform:
         preprocessing: input_size, interpolation, scale, hflip, color_jitter, mean, std.
         resample: 'loop' (per-crop `F.interpolate`), 'roi' (one `roi_align`), or None: 'loop' on
             CPU, 'roi' elsewhere.
+        threads: CPU threads sharing the 'loop' resizes (torch kernels release the GIL); None:
+            `torch.get_num_threads()` at call time. Crops and flips are drawn before the work is
+            split, so the output does not depend on it.
     """
 
-    def __init__(self, preprocessing: Preprocessing, resample: Optional[str] = None) -> None:
+    def __init__(self, preprocessing: Preprocessing, resample: Optional[str] = None, threads: Optional[int] = None) -> None:
         if resample is not None and resample not in _RESAMPLE:
             raise DataError(f"resample={resample!r}; allowed: {', '.join(_RESAMPLE)}")
+        if threads is not None and threads < 1:
+            raise DataError(f"threads={threads} must be >= 1")
+        self.threads = threads
+        self._pool = None
         self.out = tuple(preprocessing.input_size[1:])
         self.mode = _interp_mode(preprocessing.interpolation)
         self.scale = tuple(preprocessing.scale)
@@ -191,12 +199,32 @@ class BatchTrainTransform:
             out = torch.empty(shape, dtype=torch.float32, device=x.device)
         elif tuple(out.shape) != shape or out.dtype != torch.float32:
             raise DataError(f"out must be float32 {list(shape)}; got {out.dtype} {list(out.shape)}")
-        for i, ((top, left, h, w), mirrored) in enumerate(zip(boxes.tolist(), flip.tolist())):
-            crop = _resize(x[i : i + 1, :, top : top + h, left : left + w], self.out, self.mode)  # (1, 3, h, w)
-            out[i : i + 1].copy_(crop.flip(-1) if mirrored else crop)
-            if normalize:
-                self.normalize.apply_(out[i : i + 1])
+        jobs = list(zip(range(x.shape[0]), boxes.tolist(), flip.tolist()))
+
+        def run(part) -> None:
+            for i, (top, left, h, w), mirrored in part:
+                crop = _resize(x[i : i + 1, :, top : top + h, left : left + w], self.out, self.mode)  # (1, 3, h, w)
+                out[i : i + 1].copy_(crop.flip(-1) if mirrored else crop)
+                if normalize:
+                    self.normalize.apply_(out[i : i + 1])
+
+        threads = min(len(jobs), self.threads or torch.get_num_threads()) if x.device.type == "cpu" else 1
+        if threads <= 1:
+            run(jobs)
+        else:
+            list(self._thread_pool(threads).map(run, [jobs[k::threads] for k in range(threads)]))
         return out
+
+    def _thread_pool(self, threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        key = (os.getpid(), threads)  # a forked child inherits the pool object but not its threads
+        if self._pool is None or self._pool[0] != key:
+            self._pool = (key, ThreadPoolExecutor(threads, thread_name_prefix="batch-transform"))
+        return self._pool[1]
+
+    def __getstate__(self):  # a thread pool does not pickle; rebuilt on demand
+        return {**self.__dict__, "_pool": None}
 
     def _roi(self, x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         from torchvision.ops import roi_align

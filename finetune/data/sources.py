@@ -61,6 +61,9 @@ def build_data(spec: str, preprocessing: Preprocessing, *, skip_bad_images: bool
             counted in `DataBundle.skipped_images`; otherwise an unreadable file fails when loaded.
         seed: the synthetic source's seed when the spec does not set `seed=`; other sources are fixed
             by their files and ignore it.
+
+    A `cache:` spec ignores `skip_bad_images` and `seed` (both were applied when the cache was built);
+    its datasets yield uint8 [3, S, S] and the bundle's batch transforms produce the model inputs.
     """
     ds = check_data_spec(spec)
     if ds.kind == "cache":
