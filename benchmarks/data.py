@@ -146,7 +146,9 @@ def run(args: argparse.Namespace) -> Dict:
 
         jpeg = build_data(f"imagefolder:{work / 'jpeg'}", prep)
         cache = build_data(f"cache:{work / 'cache'}", prep)
-        common = dict(batch_size=args.batch_size, shuffle=True, num_workers=args.workers, persistent_workers=args.workers > 0, drop_last=False)
+        common = dict(
+            batch_size=args.batch_size, shuffle=True, num_workers=args.workers, persistent_workers=args.workers > 0, drop_last=False
+        )
         loaders = {
             "jpeg": (DataLoader(jpeg.train, **common), None),
             "cache/workers": (DataLoader(cache.train, collate_fn=_TransformCollate(cache.train_batch_transform), **common), None),
@@ -188,11 +190,11 @@ def run(args: argparse.Namespace) -> Dict:
 
 
 def table(result: Dict) -> str:
-    w = result["args"]["workers"]
+    w, t = result["args"]["workers"], result["args"]["threads"]
     rows = [
         ("jpeg", f"JPEG: PIL decode + timm RandomResizedCrop 224/flip/normalise, {w} workers"),
         ("cache/workers", f"cache 256 uint8: read + batched crop/flip/normalise in {w} workers"),
-        ("cache/main", f"cache 256 uint8: {w} workers read, batched transform in the main process ({result['args']['threads']} torch thread(s))"),
+        ("cache/main", f"cache 256 uint8: {w} workers read, batched transform in the main process ({t} torch thread(s))"),
         ("cache/threads", f"cache 256 uint8: main process reads + batched transform on {max(1, w)} threads, no workers"),
     ]
     lines = ["| pipeline | img/s (median) | x JPEG (median of ratios) |", "|---|---|---|"]

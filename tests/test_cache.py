@@ -4,6 +4,7 @@ training from `cache:` (end to end, resume, accuracy against the per-image PIL p
 import json
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from torchvision.transforms import RandomResizedCrop
 
 from finetune.callbacks import Callback
 from finetune.config import TrainConfig
-from finetune.data import DataError, Preprocessing, build_cache, build_data, check_data_spec, verify_cache
+from finetune.data import DataError, Preprocessing, build_cache, build_data, build_loaders, check_data_spec, verify_cache
 from finetune.data.cache import read_manifest
 from finetune.data.gpu_transforms import RATIO, BatchEvalTransform, BatchTrainTransform, sample_crop_boxes
 from finetune.train import run_training
@@ -96,6 +97,22 @@ def test_parallel_decoding_writes_the_same_cache(folder_cache, tmp_path):
     for split in ("train", "val"):
         for key in ("images", "labels"):
             assert parallel["splits"][split][key]["sha256"] == manifest["splits"][split][key]["sha256"]
+
+
+def test_loader_workers_read_the_same_batches(folder_cache):
+    """Worker processes open the memmap themselves (the dataset pickles its path, not its pixels)."""
+    _, cache, _ = folder_cache
+    bundle = build_data(f"cache:{cache}", prep())
+    batches = []
+    for workers in (0, 1):
+        train, val = build_loaders(bundle, batch_size=4, num_workers=workers, device=torch.device("cpu"), seed=3)
+        train.generator.manual_seed(7)
+        batches.append([(x.clone(), y.clone()) for loader in (train, val) for x, y in loader])
+    assert len(batches[0]) == 3 + 2
+    for (xa, ya), (xb, yb) in zip(*batches):
+        assert xa.dtype == torch.uint8 and xa.shape[1:] == (3, 16, 16)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert pickle.loads(pickle.dumps(bundle.train))[5][1] == bundle.train[5][1]
 
 
 def test_npy_files_and_manifest_sizes(folder_cache):
@@ -294,7 +311,8 @@ def test_batch_transforms_refuse_float_input():
 # ------------------------------------------------------------------------------------ CLI, training
 def test_cli_data_cache(tmp_path, capsys):
     out = tmp_path / "c"
-    assert cli_main(["data", "cache", "--data", "synthetic:classes=3,size=16,n=10,n_val=4", "--out", str(out), "--size", "16", "--num-workers", "0"]) == 0
+    spec = "synthetic:classes=3,size=16,n=10,n_val=4"
+    assert cli_main(["data", "cache", "--data", spec, "--out", str(out), "--size", "16", "--num-workers", "0"]) == 0
     text = capsys.readouterr().out
     assert "train:    10 images" in text and f"cache:{out}" in text
     assert read_manifest(out)["splits"]["val"]["count"] == 4

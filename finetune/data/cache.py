@@ -70,8 +70,10 @@ class SquareResize:
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, S, S)
 
 
-def _collate(items: List[Tuple[np.ndarray, int]]) -> Tuple[np.ndarray, np.ndarray]:
-    return np.stack([x for x, _ in items]), np.array([y for _, y in items], dtype=np.int64)  # (b, 3, S, S), (b,)
+def _collate(items: List[Tuple[np.ndarray, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    # tensors, not arrays: a worker hands them over in shared memory instead of pickling the pixels
+    images = torch.from_numpy(np.stack([x for x, _ in items]))  # (b, 3, S, S) uint8
+    return images, torch.tensor([y for _, y in items], dtype=torch.int64)  # (b,)
 
 
 def _sha256(path: Path) -> str:
@@ -83,7 +85,9 @@ def _file_entry(path: Path) -> Dict[str, Any]:
     return {"path": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
-def _write_split(dataset: Dataset, tmp: Path, split: str, size: int, num_classes: int, num_workers: int, progress: bool) -> Dict[str, Any]:
+def _write_split(
+    dataset: Dataset, tmp: Path, split: str, size: int, num_classes: int, num_workers: int, progress: bool
+) -> Dict[str, Any]:
     """Decode `dataset` (yielding (uint8 [3, S, S], label)) in parallel into {split}_images/labels.npy."""
     from tqdm import tqdm
 
@@ -95,8 +99,8 @@ def _write_split(dataset: Dataset, tmp: Path, split: str, size: int, num_classes
     pos = 0
     with tqdm(total=n, desc=f"cache {split}", disable=not progress, leave=False) as bar:
         for batch, batch_labels in loader:
-            images[pos : pos + len(batch)] = batch
-            labels[pos : pos + len(batch)] = batch_labels
+            images[pos : pos + len(batch)] = batch.numpy()
+            labels[pos : pos + len(batch)] = batch_labels.numpy()
             pos += len(batch)
             bar.update(len(batch))
     if pos != n:
@@ -245,7 +249,10 @@ def verify_cache(root: str | os.PathLike) -> Dict[str, Any]:
             path = Path(root) / entry["path"]
             digest = _sha256(path)
             if digest != entry["sha256"]:
-                raise DataError(f"cache file {str(path)!r} has sha256 {digest[:16]}... but the manifest records {entry['sha256'][:16]}...; rebuild the cache")
+                raise DataError(
+                    f"cache file {str(path)!r} has sha256 {digest[:16]}... but the manifest records "
+                    f"{entry['sha256'][:16]}...; rebuild the cache"
+                )
     return manifest
 
 

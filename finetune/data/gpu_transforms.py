@@ -116,7 +116,8 @@ def _resize(x: torch.Tensor, size: Tuple[int, int], mode: str) -> torch.Tensor:
         return x
     if x.device.type != "cpu" and x.dtype == torch.uint8:
         x = x.float()
-    out = F.interpolate(x, size=size, mode=mode, antialias=mode in ("bilinear", "bicubic"), align_corners=None if mode == "nearest" else False)
+    smooth = mode in ("bilinear", "bicubic")
+    out = F.interpolate(x, size=size, mode=mode, antialias=smooth, align_corners=False if smooth else None)
     return out if out.dtype == torch.uint8 else out.clamp_(0, 255)  # bicubic overshoots
 
 
@@ -191,7 +192,9 @@ class BatchTrainTransform:
         result = self.normalize(crops)
         return result if out is None else out.copy_(result)
 
-    def _loop(self, x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, normalize: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _loop(
+        self, x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, normalize: bool, out: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Per-crop resize into a preallocated float batch; each image is flipped and (optionally)
         normalised while it is still in cache, instead of in extra passes over the whole batch."""
         shape = (x.shape[0], 3) + self.out  # (B, 3, h, w)
