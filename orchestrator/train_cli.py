@@ -46,7 +46,8 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
     d.add_argument("--data", default=S, metavar="SPEC",
                    help="imagenet100[:DIR] | hf:<hub id or save_to_disk dir> | imagefolder:<dir with train/ val/> | "
-                        "synthetic[:classes=..,size=..,n=..,n_val=..] (default synthetic)")
+                        "synthetic[:classes=..,size=..,n=..,n_val=..] | cache:<dir from `vitsweep data cache`> "
+                        "(default synthetic)")
     d.add_argument("--augment", choices=("timm", "none"), default=S,
                    help="timm: timm's training transform (RandomResizedCrop, flip, colour jitter); none: eval transform")
     d.add_argument("--scale", type=float, nargs=2, default=S, metavar=("MIN", "MAX"), help="RandomResizedCrop scale range")

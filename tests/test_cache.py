@@ -358,3 +358,20 @@ def test_cache_path_matches_pil_path_accuracy(tmp_path):
     print(f"val/acc1: PIL path {pil:.3f}, cache path {cached:.3f}")
     assert pil > 0.4 and cached > 0.4, (pil, cached)
     assert abs(pil - cached) < 0.12, (pil, cached)
+
+
+def test_data_show_applies_the_batch_transform_of_a_cache(folder_cache, tmp_path, monkeypatch):
+    import finetune.data.plots as plots
+
+    seen = {}
+
+    def capture(images, labels, class_names, path, mean, std, **kw):
+        seen["images"] = images
+        return None
+
+    monkeypatch.setattr(plots, "plot_grid", capture)
+    _, cache_dir, _ = folder_cache
+    plots.show_data(f"cache:{cache_dir}", str(tmp_path / "grid.png"), n=4, img_size=32, split="val")
+    images = seen["images"]
+    assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+    assert images.min() < 0  # normalised, not raw uint8 pixels

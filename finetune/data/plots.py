@@ -77,10 +77,13 @@ def show_data(
     # timm/torchvision augmentations draw from torch's and Python's global RNGs; seed them locally.
     py_state = random.getstate()
     random.seed(seed)
+    batch_transform = bundle.train_batch_transform if split == "train" else bundle.eval_batch_transform
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         items = [dataset[i] for i in order]
+        images = torch.stack([x for x, _ in items])  # [n, 3, H, W]
+        if batch_transform is not None:  # cache: uint8 items, crop/flip/normalise in batches
+            images = batch_transform(images)
     random.setstate(py_state)
-    images = torch.stack([x for x, _ in items])  # [n, 3, H, W]
     plot_grid(images, [y for _, y in items], bundle.class_names, out, prep.mean, prep.std)
     return out
