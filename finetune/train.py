@@ -154,15 +154,27 @@ def run_training(
         callbacks.insert(0, TensorBoardCallback(writer))
         if local_checkpoints:
             callbacks.insert(0, LocalCheckpointCallback(out / "checkpoint"))
+    oom_message = None
     try:
         result = fit(
             model, train_loader, val_loader, cfg, callbacks,
             num_classes=bundle.num_classes, device=device, resume=resume, static_metrics=static, progress=progress,
             train_batch_transform=bundle.train_batch_transform, eval_batch_transform=bundle.eval_batch_transform,
         )
+    except torch.cuda.OutOfMemoryError as err:
+        # Leave the except block first: its traceback pins every activation of the failed step.
+        oom_message = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
     finally:
         if writer is not None:
             writer.close()
+    if oom_message is not None:
+        del model, train_loader, val_loader
+        release_device_memory()
+        raise TrainingOOMError(
+            f"out of device memory with batch_size={cfg.batch_size}, variant={cfg.variant}, "
+            f"precision={cfg.precision} on {device}: {oom_message}. Lower --batch-size, use --precision bf16, "
+            "or give the trial a whole GPU (--gpus-per-trial 1)"
+        )
 
     arch = {
         "model": cfg.model,
@@ -203,6 +215,18 @@ def run_training(
         result["weights"] = str(Path(out_dir) / "weights.safetensors")
         write_json(Path(out_dir) / "result.json", result)
     return result
+
+
+class TrainingOOMError(RuntimeError):
+    """The device ran out of memory; raised after the failed step's memory has been released."""
+
+
+def release_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _write_sample_grid(writer, loader, bundle, preprocessing, plot_grid, n: int = 16) -> None:

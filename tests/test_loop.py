@@ -74,3 +74,28 @@ def test_non_finite_loss_stops_with_status_diverged(tiny_config):
     assert len(result["history"]) == 1
     last = result["metrics"]
     assert last["status"] == "diverged" and math.isnan(last["train/loss"]) and last["val/acc1"] == 0.0
+
+
+class SimulatedOOM(Callback):
+    def on_train_batch_end(self, state, batch_idx):
+        if state.global_step == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_is_reported_with_the_reason_and_memory_released(tiny_config, tmp_path):
+    import gc
+    import weakref
+
+    from finetune.train import TrainingOOMError
+
+    cfg = TrainConfig.from_dict(tiny_config)
+    refs = []
+
+    class Track(Callback):
+        def on_fit_start(self, state):
+            refs.append(weakref.ref(state.model))
+
+    with pytest.raises(TrainingOOMError, match=r"out of device memory with batch_size=16.*Tried to allocate 20.00 GiB"):
+        run_training(cfg, tmp_path / "run", callbacks=[Track(), SimulatedOOM()], progress=False)
+    gc.collect()
+    assert refs and refs[0]() is None  # the model (and its activations) were freed
