@@ -38,7 +38,9 @@ def _print_outcome(outcome) -> int:
     print(f"experiment: {outcome.experiment_dir}")
     print(f"report:     {report.markdown_path}  {report.csv_path}  {report.directory / 'plots'}")
     print(f"tensorboard --logdir {outcome.experiment_dir}")
-    return 1 if outcome.num_errors else 0
+    if outcome.missing_trials:
+        print(f"warning: {outcome.missing_trials} grid trial(s) were never created (see the log above)")
+    return 1 if outcome.num_errors or outcome.missing_trials else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from finetune.config import ConfigError
-from search_spaces import SweepSpec, get_preset, load_config_file, validate_resources, validate_spec
+from search_spaces import SweepSpec, count_trials, get_preset, load_config_file, validate_resources, validate_spec
 
 from .report import MARKER, Report, write_report
 
@@ -212,11 +212,20 @@ class SweepOutcome:
     experiment_dir: Path
     report: Report
     num_errors: int
+    missing_trials: int = 0
 
 
-def _finish(exp_dir: Path, results) -> SweepOutcome:
+def _finish(exp_dir: Path, results, expected: Optional[int] = None) -> SweepOutcome:
     report = write_report(exp_dir)
-    return SweepOutcome(experiment_dir=exp_dir, report=report, num_errors=results.num_errors)
+    missing = max(0, expected - len(report.records)) if expected is not None else 0
+    if missing:
+        # Seen with Ray 2.60: with max_concurrent on grid/random, trials are generated lazily, and a
+        # driver killed at the wrong moment can leave the restored generator unable to create the rest.
+        _logger.warning(
+            "%d of %d grid trials were never created in %s; run the sweep again (without "
+            "--max-concurrent, every trial is created up front and survives a resume)", missing, expected, exp_dir,
+        )
+    return SweepOutcome(experiment_dir=exp_dir, report=report, num_errors=results.num_errors, missing_trials=missing)
 
 
 def run_sweep(
@@ -246,7 +255,7 @@ def run_sweep(
     write_marker(exp_dir, spec, trainable_path(trainable))
     tuner = build_tuner(spec, storage, name, trainable)
     results = tuner.fit()
-    return _finish(exp_dir, results)
+    return _finish(exp_dir, results, expected=count_trials(spec) if spec.searcher == "grid" else None)
 
 
 def resume_sweep(
@@ -275,4 +284,4 @@ def resume_sweep(
         resume_errored=True,
     )
     results = tuner.fit()
-    return _finish(exp_dir, results)
+    return _finish(exp_dir, results, expected=count_trials(spec) if spec.searcher == "grid" else None)

@@ -50,8 +50,10 @@ class TuneReportCallback(Callback):
 
     def __init__(self, label: str) -> None:
         self.label = label
+        self.reports = 0
 
     def on_epoch_end(self, state: TrainState, metrics: Dict[str, Any]) -> None:
+        self.reports += 1
         metrics = {**reportable(metrics), "variant_label": self.label}
         if metrics.get("status") == "diverged":
             # A diverged model is not worth restoring; the loop stops after this epoch.
@@ -73,14 +75,20 @@ def train_vit(config: Dict[str, Any]) -> None:
         if checkpoint is not None:
             restore_dir = tempfile.mkdtemp(prefix="vitsweep-restore-")
             checkpoint.to_directory(restore_dir)
-        run_training(
+        reporter = TuneReportCallback(label)
+        result = run_training(
             cfg,
             out_dir,
-            callbacks=[TuneReportCallback(label)],
+            callbacks=[reporter],
             resume_from=restore_dir,
             progress=False,
             local_checkpoints=False,
         )
+        if reporter.reports == 0 and result.get("metrics"):
+            # Restored from the final epoch's checkpoint (the driver died after the last report but
+            # before the trial was marked done): nothing left to train, but Tune needs a result to
+            # complete the trial, otherwise its searcher keeps the trial's slot and stalls the sweep.
+            tune.report({**reportable(result["metrics"]), "variant_label": label})
     finally:
         if restore_dir is not None:
             shutil.rmtree(restore_dir, ignore_errors=True)
