@@ -113,7 +113,9 @@ def add_sweep_commands(subparsers) -> None:
     run.add_argument("--num-samples", type=int, help="grid/random: repeats of the space; optuna: trials")
     run.add_argument("--gpus-per-trial", type=_positive_float, help="GPUs per trial; fractions share a GPU (0.5)")
     run.add_argument("--cpus-per-trial", type=_positive_float, help="CPUs per trial")
-    run.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    run.add_argument("--max-concurrent", type=int,
+                     help="at most this many trials at once (grid/random then create trials lazily: a driver "
+                          "killed mid-sweep may lose trials not yet created; limit by --cpus-per-trial instead)")
     run.add_argument("--scheduler", choices=("fifo", "asha"), help="trial scheduler (ASHA stops weak trials early)")
     run.add_argument("--searcher", choices=("grid", "random", "optuna"), help="search algorithm")
     run.add_argument("--max-failures", type=int, help="retries of a failed trial from its last checkpoint")

@@ -27,7 +27,7 @@ def smoke() -> dict:
             "model": "vit_tiny_patch16_224", "pretrained": False, "pretrained_tag": None,
             "img_size": 32, "patch_size": 4, "augment": "none", "num_workers": 0,
             "data": "synthetic:classes=10,size=32,n=800,n_val=200",
-            "epochs": 3, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 0.5,
+            "epochs": 2, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 0.5,
             "device": "auto", "precision": "fp32",
         },
         "variants": [
