@@ -334,7 +334,7 @@ def _scatter(rows: Sequence[Row], cost_key: str, xlabel: str, path: Path, empty_
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("val acc@1")
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
