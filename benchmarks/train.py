@@ -80,6 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile both loops' models")
     p.add_argument("--out", default=None, help="write results as JSON")
     args = p.parse_args(argv)
     if args.threads:
@@ -90,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = TrainConfig.from_dict(dict(
         model=args.model, pretrained=False, variant=args.variant, img_size=args.img_size, patch_size=args.patch_size,
         depth=args.depth, batch_size=args.batch_size, epochs=2, warmup_epochs=0.0, precision=args.precision,
-        device=str(device), clip_grad=None, log_interval=10**6, topk=[1],
+        device=str(device), clip_grad=None, log_interval=10**6, topk=[1], compile=args.compile,
     ))
     batches = _batches(args.steps, args.batch_size, args.img_size, NUM_CLASSES, device)
 
@@ -102,19 +103,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     ours, bare = [], []
     for _ in range(args.repeats):
         ours.append(vitsweep_loop(fresh(), batches, cfg, device, warmup=1))
-        bare.append(bare_loop(fresh(), batches + batches, device, dtype, warmup=len(batches)))
+        model = fresh()
+        bare.append(bare_loop(torch.compile(model) if args.compile else model, batches + batches, device, dtype,
+                              warmup=len(batches)))
     ratios = [o / b for o, b in zip(ours, bare)]
     row = {
         "model": args.model, "variant": args.variant, "img_size": args.img_size, "patch_size": args.patch_size,
-        "batch_size": args.batch_size, "precision": args.precision, "device": str(device),
+        "batch_size": args.batch_size, "precision": args.precision, "device": str(device), "compile": args.compile,
         "vitsweep_img_s": statistics.median(ours), "bare_img_s": statistics.median(bare),
         "ratio_median": statistics.median(ratios), "ratios": ratios,
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    print(f"{'model':24} {'img':>4} {'batch':>5} {'prec':>5} {'vitsweep img/s':>15} {'bare img/s':>11} {'ratio':>6}")
+    from finetune.metrics import count_flops, device_peak_tflops, model_flops_utilization
+
+    peak = device_peak_tflops(device, args.precision)
+    gflops = count_flops(fresh(), (args.img_size, args.img_size)) / 1e9
+    row["forward_gflops"] = gflops
+    row["mfu"] = model_flops_utilization(gflops, row["vitsweep_img_s"], peak)
+    mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+    print(f"{'model':24} {'img':>4} {'batch':>5} {'prec':>5} {'vitsweep img/s':>15} {'bare img/s':>11} {'ratio':>6} {'MFU':>6}")
     print(f"{row['model']:24} {row['img_size']:>4} {row['batch_size']:>5} {row['precision']:>5} "
-          f"{row['vitsweep_img_s']:>15.1f} {row['bare_img_s']:>11.1f} {row['ratio_median']:>6.3f}")
+          f"{row['vitsweep_img_s']:>15.1f} {row['bare_img_s']:>11.1f} {row['ratio_median']:>6.3f} {mfu:>6}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(row, f, indent=2)

@@ -96,7 +96,7 @@ def _data_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("attention", "train", "data", "sweep")
+BENCHMARKS = ("attention", "train", "data", "sweep", "gpu")
 
 
 def _add_bench_command(sub) -> None:
