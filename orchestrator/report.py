@@ -70,15 +70,21 @@ def _read_json_lines(path: Path) -> List[Dict[str, Any]]:
 
 
 def _history(trial_dir: Path) -> List[Dict[str, Any]]:
-    """Per-epoch reports, one per epoch: a restored trial may report an epoch twice; the last wins."""
+    """Per-epoch reports, one per epoch; a restored trial may report an epoch twice: the last wins.
+
+    Tune rewrites its JSON log when it retries a failed trial, so the epochs before the retry survive
+    only in the run's own ``run/result.json`` (its history includes the epochs restored from the
+    checkpoint); both are read, Tune's rows over the run's.
+    """
     by_epoch: Dict[Any, Dict[str, Any]] = {}
+    run_result = trial_dir / RUN_SUBDIR / "result.json"
+    if run_result.is_file():
+        for row in json.loads(run_result.read_text()).get("history", []):
+            # written by finetune.io_utils.write_json: non-finite floats are strings there; None as in Tune
+            by_epoch[row.get("epoch")] = {k: None if v in ("nan", "inf", "-inf") else v for k, v in row.items()}
     for row in _read_json_lines(trial_dir / "result.json"):
         epoch = row.get("epoch", row.get("training_iteration"))
         by_epoch[epoch] = row
-    if not by_epoch:
-        run_result = trial_dir / RUN_SUBDIR / "result.json"
-        if run_result.is_file():
-            return list(json.loads(run_result.read_text()).get("history", []))
     return [by_epoch[k] for k in sorted(by_epoch, key=lambda e: (e is None, e))]
 
 
