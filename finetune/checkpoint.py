@@ -1,10 +1,13 @@
 """Training checkpoints: everything needed to continue a run exactly.
 
-A checkpoint directory holds ``model.safetensors`` (weights), ``training_state.pt`` (optimizer,
-scheduler, grad scaler, RNG states, counters, history; plain tensors and containers, read back with
-``torch.load(weights_only=True)`` so no code can run) and ``meta.json``, written last, with both
-files' checksums. Each file is written atomically; a directory without a valid ``meta.json`` is not a
-checkpoint. On CPU a run resumed from epoch k gives the same metrics as an uninterrupted run.
+A checkpoint directory holds ``model.<tag>.safetensors`` (weights), ``training_state.<tag>.pt``
+(optimizer, scheduler, grad scaler, RNG states, counters, history; plain tensors and containers, read
+back with ``torch.load(weights_only=True)`` so no code can run) and ``meta.json``, written last, naming
+both files with their checksums. ``meta.json`` is the commit point: each save writes its files under a
+fresh tag (atomically), then replaces ``meta.json`` atomically, then deletes the files of the previous
+save. A crash at any moment of a save into an existing checkpoint directory therefore leaves the
+previous checkpoint loadable. A directory without a valid ``meta.json`` is not a checkpoint. On CPU a
+run resumed from epoch k gives the same metrics as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import uuid
 from pathlib import Path
 from typing import Any, Dict
 
@@ -22,7 +26,7 @@ from .callbacks import TrainState
 from .io_utils import atomic_path, sha256_file, write_json
 
 FORMAT = "vitsweep-checkpoint"
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = "model.safetensors"  # names before tagged files (still read)
 STATE_FILE = "training_state.pt"
 META_FILE = "meta.json"
 
@@ -58,13 +62,19 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_checkpoint(state: TrainState, directory: str | Path) -> Path:
-    """Write `state` into `directory` (created if needed); returns the directory."""
+    """Write `state` into `directory` (created if needed); returns the directory.
+
+    Overwriting an existing checkpoint is crash-safe: the new files get a fresh tag, ``meta.json``
+    switches to them atomically, and only then are the previous save's files removed.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    tag = f"{state.global_step:08d}-{uuid.uuid4().hex[:8]}"
+    model_name, state_name = f"model.{tag}.safetensors", f"training_state.{tag}.pt"
     weights = {k: v.detach().to("cpu").contiguous() for k, v in state.model.state_dict().items()}
-    with atomic_path(directory / MODEL_FILE) as tmp:
+    with atomic_path(directory / model_name) as tmp:
         save_file(weights, tmp)
     training = {
         "optimizer": state.optimizer.state_dict(),
@@ -74,7 +84,7 @@ def save_checkpoint(state: TrainState, directory: str | Path) -> Path:
         "epoch": state.epoch,
         "global_step": state.global_step,
     }
-    with atomic_path(directory / STATE_FILE) as tmp:
+    with atomic_path(directory / state_name) as tmp:
         torch.save(training, tmp)
     write_json(
         directory / META_FILE,
@@ -85,9 +95,13 @@ def save_checkpoint(state: TrainState, directory: str | Path) -> Path:
             "config": state.config,
             "history": state.history,
             "static_metrics": state.static_metrics,
-            "sha256": {MODEL_FILE: sha256_file(directory / MODEL_FILE), STATE_FILE: sha256_file(directory / STATE_FILE)},
+            "files": {"model": model_name, "state": state_name},
+            "sha256": {model_name: sha256_file(directory / model_name), state_name: sha256_file(directory / state_name)},
         },
     )
+    for stale in [*directory.glob("model*.safetensors"), *directory.glob("training_state*.pt")]:
+        if stale.name not in (model_name, state_name):
+            stale.unlink()
     return directory
 
 
@@ -106,6 +120,8 @@ def read_checkpoint(directory: str | Path) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(meta_path)!r} is corrupt: {err}") from err
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{str(directory)!r} is not a vitsweep checkpoint (format={meta.get('format')!r})")
+    files = meta.get("files") or {"model": MODEL_FILE, "state": STATE_FILE}
+    model_path, state_path = directory / files["model"], directory / files["state"]
     for name, digest in meta.get("sha256", {}).items():
         path = directory / name
         if not path.is_file():
@@ -113,14 +129,14 @@ def read_checkpoint(directory: str | Path) -> Dict[str, Any]:
         if sha256_file(path) != digest:
             raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or truncated (checksum mismatch)")
     try:
-        model_state = load_file(str(directory / MODEL_FILE), device="cpu")
+        model_state = load_file(str(model_path), device="cpu")
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"checkpoint weights {str(directory / MODEL_FILE)!r} are unreadable: {err}") from err
+        raise CheckpointError(f"checkpoint weights {str(model_path)!r} are unreadable: {err}") from err
     try:
-        training = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        training = torch.load(state_path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise CheckpointError(
-            f"checkpoint state {str(directory / STATE_FILE)!r} is unreadable or holds non-tensor objects: "
+            f"checkpoint state {str(state_path)!r} is unreadable or holds non-tensor objects: "
             f"{str(err).splitlines()[0]}"
         ) from err
     return {"model": model_state, "training": training, "meta": meta}

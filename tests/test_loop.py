@@ -50,7 +50,7 @@ def test_resume_from_checkpoint_continues_exactly(tiny_config, tmp_path):
 def test_corrupt_checkpoint_is_refused(tiny_config, tmp_path):
     cfg = TrainConfig.from_dict(dict(tiny_config, epochs=1))
     run_training(cfg, tmp_path / "run", progress=False)
-    state_file = tmp_path / "run" / "checkpoint" / "training_state.pt"
+    state_file = next((tmp_path / "run" / "checkpoint").glob("training_state.*.pt"))
     state_file.write_bytes(state_file.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         read_checkpoint(tmp_path / "run" / "checkpoint")
