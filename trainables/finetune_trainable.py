@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import torch
 from ray import tune
@@ -64,8 +64,12 @@ class TuneReportCallback(Callback):
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
-def train_vit(config: Dict[str, Any]) -> None:
-    """Ray Tune function trainable for one configuration (layout: `trainables.layout`)."""
+def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> None:
+    """Ray Tune function trainable for one configuration (layout: `trainables.layout`).
+
+    `callbacks` run after Tune's reporter, e.g. fault injection from `finetune.faults`; pass them with
+    ``tune.with_parameters(train_vit, callbacks=[...])``.
+    """
     cfg = TrainConfig.from_dict(flatten_trial_config(config))
     label = (config.get(ARCH_KEY) or {}).get(LABEL_KEY) or cfg.variant
     out_dir = os.path.join(tune.get_context().get_trial_dir(), RUN_SUBDIR)
@@ -79,7 +83,7 @@ def train_vit(config: Dict[str, Any]) -> None:
         result = run_training(
             cfg,
             out_dir,
-            callbacks=[reporter],
+            callbacks=[reporter, *callbacks],
             resume_from=restore_dir,
             progress=False,
             local_checkpoints=False,
