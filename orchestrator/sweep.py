@@ -152,7 +152,7 @@ def build_tuner(spec: SweepSpec, storage: str | Path, name: str, trainable: Opti
         scheduler=make_scheduler(spec, _max_epochs(spec)),
         num_samples=spec.num_samples,
         max_concurrent_trials=spec.max_concurrent,
-        reuse_actors=False,
+        reuse_actors=spec.reuse_actors,
         trial_dirname_creator=trial_dirname,
     )
     run_config = tune.RunConfig(

@@ -30,6 +30,8 @@ here through `SweepSpec.from_dict`, so they share one schema and one validator:
     max_concurrent: null           # at most this many trials at once (null: as resources allow)
     max_failures: 2                # retries of a failed trial, from its last checkpoint
     num_to_keep: 2                 # checkpoints kept per trial (best by val/acc1)
+    reuse_actors: false            # true: trials share worker processes (no per-trial import cost; CPU
+                                   # sweeps of short trials); false frees all GPU memory between trials
 
 `grid` and `random` expand through Tune's own generator (``tune.grid_search`` over variant blocks, each
 block's domains resolved inside it); `optuna` uses a define-by-run function (see `search_spaces.tune_space`)
@@ -52,7 +54,7 @@ SCHEDULERS = ("fifo", "asha")
 MODES = ("max", "min")
 TOP_LEVEL_KEYS = (
     "name", "fixed", "search", "variants", "seeds", "searcher", "scheduler", "asha", "num_samples",
-    "metric", "mode", "resources", "max_concurrent", "max_failures", "num_to_keep",
+    "metric", "mode", "resources", "max_concurrent", "max_failures", "num_to_keep", "reuse_actors",
 )
 BLOCK_KEYS = ("variant", "fixed", "search", "label")
 ASHA_KEYS = ("grace_period", "reduction_factor", "max_t")
@@ -136,6 +138,7 @@ class SweepSpec:
     max_concurrent: Optional[int] = None
     max_failures: int = 0
     num_to_keep: int = 2
+    reuse_actors: bool = False
     source: str = ""
 
     @classmethod
@@ -175,7 +178,7 @@ class SweepSpec:
         spec = cls(name=values.get("name") or "sweep", fixed=fixed, search=search, variants=variants,
                    seeds=list(seeds), source=source)
         for key in ("searcher", "scheduler", "num_samples", "metric", "mode", "max_concurrent",
-                    "max_failures", "num_to_keep"):
+                    "max_failures", "num_to_keep", "reuse_actors"):
             if key in values:
                 setattr(spec, key, values[key])
         if "asha" in values:
@@ -204,6 +207,8 @@ class SweepSpec:
             isinstance(self.max_concurrent, bool) or not isinstance(self.max_concurrent, int) or self.max_concurrent < 1
         ):
             raise ConfigError(f"max_concurrent={self.max_concurrent!r} must be a positive integer (or null)")
+        if not isinstance(self.reuse_actors, bool):
+            raise ConfigError(f"reuse_actors={self.reuse_actors!r} must be true or false")
         if not isinstance(self.metric, str) or not self.metric:
             raise ConfigError(f"metric={self.metric!r} must be a metric name such as 'val/acc1'")
         for key in ("grace_period", "reduction_factor"):
@@ -252,6 +257,7 @@ class SweepSpec:
             "max_concurrent": self.max_concurrent,
             "max_failures": self.max_failures,
             "num_to_keep": self.num_to_keep,
+            "reuse_actors": self.reuse_actors,
         }
 
     def override(self, **changes: Any) -> "SweepSpec":
