@@ -8,6 +8,7 @@ through timm's `checkpoint_filter_fn`, which resamples position and patch embedd
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -31,10 +32,12 @@ class WeightsError(ValueError):
     """A weights file is missing, unreadable, unsafe or does not fit the architecture."""
 
 
+@functools.lru_cache(maxsize=256)
 def vit_geometry(
     model_name: str, img_size: Optional[int], patch_size: Optional[int], depth: Optional[int] = None
 ) -> Tuple[Tuple[int, int], int, int, int]:
-    """(grid (Hp, Wp), num_prefix_tokens, embed_dim, num_heads) of a timm ViT, built on `meta` (no memory)."""
+    """(grid (Hp, Wp), num_prefix_tokens, embed_dim, num_heads) of a timm ViT, built on `meta` (no memory).
+    Cached: sweep validation asks for the same geometry once per configuration."""
     if model_name not in timm.list_models():
         close = timm.list_models(f"*{model_name.split('_')[0]}*")[:8] if "_" in model_name else []
         raise ConfigError(f"model={model_name!r} is not a timm model name" + (f"; e.g. {', '.join(close)}" if close else ""))
