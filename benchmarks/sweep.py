@@ -69,6 +69,36 @@ def measure(trials: int, concurrency: int, steps: int, reuse_actors: bool, stora
     }
 
 
+def _sleep_trainable(config: Dict[str, Any]) -> None:
+    """Ray Tune's floor: sleep 1 s, report one 1 kB checkpoint (no torch, no vitsweep)."""
+    import os
+
+    from ray import tune
+
+    time.sleep(1.0)
+    with tempfile.TemporaryDirectory() as d:
+        Path(os.path.join(d, "payload")).write_text("x" * 1000)
+        tune.report({"acc": 1.0}, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def measure_floor(trials: int, concurrency: int, reuse_actors: bool, storage: Path) -> Dict[str, Any]:
+    """The same measurement with a bare Ray Tune sweep of `_sleep_trainable`."""
+    from ray import tune
+
+    start = time.perf_counter()
+    results = tune.Tuner(
+        tune.with_resources(_sleep_trainable, {"cpu": 1}),
+        param_space={"i": tune.grid_search(list(range(trials)))},
+        tune_config=tune.TuneConfig(reuse_actors=reuse_actors, metric="acc", mode="max", max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(storage_path=str(storage), name=f"floor-{int(time.time() * 1000)}", verbose=0),
+    ).fit()
+    wall = time.perf_counter() - start
+    ideal = sum(r.metrics["time_total_s"] for r in results) / concurrency
+    return {"trials": trials, "concurrency": concurrency, "reuse_actors": reuse_actors, "what": "ray-floor",
+            "wall_s": wall, "ideal_s": ideal, "ratio": wall / ideal,
+            "overhead_per_trial_s": (wall - ideal) * concurrency / trials}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import ray
 
@@ -78,6 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=8, help="training steps per trial (fixed work)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--reuse-actors", choices=("no", "yes", "both"), default="both")
+    p.add_argument("--floor", action="store_true", help="also measure bare Ray Tune (a 1 s sleep trainable)")
     p.add_argument("--out", default=None, help="write results as JSON")
     args = p.parse_args(argv)
 
@@ -88,12 +119,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         with tempfile.TemporaryDirectory(prefix="vitsweep-bench-sweep-") as storage:
             for _ in range(args.repeats):
                 for reuse in modes:  # interleaved
-                    rows.append(measure(args.trials, args.concurrency, args.steps, reuse, Path(storage)))
+                    rows.append({"what": "vitsweep", **measure(args.trials, args.concurrency, args.steps, reuse, Path(storage))})
+                    if args.floor:
+                        rows.append(measure_floor(args.trials, args.concurrency, reuse, Path(storage)))
     finally:
         ray.shutdown()
-    print(f"{'reuse_actors':>12} {'trials':>6} {'conc':>4} {'wall s':>8} {'ideal s':>8} {'ratio':>6} {'overhead s/trial':>16}")
+    print(f"{'what':>9} {'reuse_actors':>12} {'trials':>6} {'conc':>4} {'wall s':>8} {'ideal s':>8} {'ratio':>6} {'overhead s/trial':>16}")
     for r in rows:
-        print(f"{str(r['reuse_actors']):>12} {r['trials']:>6} {r['concurrency']:>4} {r['wall_s']:>8.1f} "
+        print(f"{r['what']:>9} {str(r['reuse_actors']):>12} {r['trials']:>6} {r['concurrency']:>4} {r['wall_s']:>8.1f} "
               f"{r['ideal_s']:>8.1f} {r['ratio']:>6.2f} {r['overhead_per_trial_s']:>16.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "machine": platform.processor() or platform.machine()}, indent=2))
