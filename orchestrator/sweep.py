@@ -164,6 +164,10 @@ def build_tuner(spec: SweepSpec, storage: str | Path, name: str, trainable: Opti
             checkpoint_score_attribute=spec.metric,
             checkpoint_score_order=spec.mode,
         ),
+        # With reuse_actors, Ray gives each reused trial a working directory it syncs to storage only
+        # when artifacts are synced; without this the run outputs (weights, TensorBoard, run/result.json)
+        # of every trial after an actor's first stay in /tmp/ray and never reach the experiment.
+        sync_config=tune.SyncConfig(sync_artifacts=True),
         verbose=1,
     )
     return tune.Tuner(
