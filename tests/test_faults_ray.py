@@ -125,3 +125,16 @@ def test_raising_trial_with_max_failures_is_retried_from_its_checkpoint(local_ra
     # the report keeps the epoch trained before the failure (Tune's own log of the trial restarts)
     assert [h["epoch"] for h in record.history] == [1, 2]
     assert "| finished |" in (outcome.experiment_dir / "comparison.md").read_text()
+
+
+def test_reused_actors_keep_every_trials_run_outputs(local_ray, tmp_path):
+    """reuse_actors: Ray moves a reused trial's working directory; its weights, TensorBoard events and
+    run/result.json must still reach the experiment directory."""
+    spec = _spec(fixed={"epochs": 1, "max_train_batches": 1, "max_val_batches": 1},
+                 search={"lr": {"grid": [1e-3, 2e-3, 3e-3, 4e-3]}}, reuse_actors=True, num_to_keep=1)
+    outcome = run_sweep(spec, storage=tmp_path, name="reuse")
+    assert outcome.num_errors == 0 and len(outcome.report.records) == 4
+    for record in outcome.report.records:
+        run = record.path / "run"
+        assert json.loads((run / "result.json").read_text())["config"]["lr"] == record.config["lr"], record.trial_id
+        assert (run / "weights.safetensors").is_file() and list((run / "tb").glob("events.out.tfevents.*"))
