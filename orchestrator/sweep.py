@@ -112,14 +112,21 @@ def check_cluster(spec: SweepSpec) -> None:
 
 
 def trainable_path(fn: Callable) -> str:
+    """``module:qualname`` of the trainable, recorded in the marker for `resume_sweep`. A trainable made
+    inside a function (``tune.with_parameters``, a test's factory) cannot be imported again: resuming
+    its experiment is refused by `load_trainable` with the reason (resume it from Python instead)."""
     return f"{fn.__module__}:{fn.__qualname__}"
 
 
 def load_trainable(path: str) -> Callable:
     module, _, name = path.partition(":")
-    obj = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
+    try:
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"trainable {path!r} cannot be imported ({err}); allowed: a module-level function "
+                          f"such as {DEFAULT_TRAINABLE!r}") from err
     return obj
 
 
