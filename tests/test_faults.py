@@ -195,3 +195,21 @@ def test_faults_fire_only_at_their_step_and_only_for_matching_configs(tmp_path):
     assert diverged["status"] == "diverged" and len(diverged["history"]) == 1
     with pytest.raises(ValueError, match="epoch=-1"):
         KillOnce(marker, epoch=-1, batch=0)
+
+
+def test_resume_of_a_sweep_whose_trainable_cannot_be_imported_is_refused_with_the_reason():
+    """A sweep run with ``tune.with_parameters(train_vit, callbacks=[...])`` records a trainable that
+    cannot be imported again; `vitsweep resume` must say so (exit 2), not fail with a traceback."""
+    from ray import tune
+
+    from finetune.config import ConfigError
+    from orchestrator.sweep import load_trainable, trainable_path
+    from trainables.finetune_trainable import train_vit
+
+    assert load_trainable(trainable_path(train_vit)) is train_vit
+    wrapped = trainable_path(tune.with_parameters(train_vit, callbacks=[RaiseOnce(0, 0)]))
+    assert "<locals>" in wrapped
+    with pytest.raises(ConfigError, match=r"trainable '.*<locals>.inner' cannot be imported.*allowed"):
+        load_trainable(wrapped)
+    with pytest.raises(ConfigError, match=r"trainable 'tests.nowhere:fn' cannot be imported"):
+        load_trainable("tests.nowhere:fn")
