@@ -100,12 +100,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         return build_vit(args.model, NUM_CLASSES, variant=args.variant, img_size=args.img_size, patch_size=args.patch_size,
                          depth=args.depth).to(device)
 
-    ours, bare = [], []
-    for _ in range(args.repeats):
-        ours.append(vitsweep_loop(fresh(), batches, cfg, device, warmup=1))
+    def run_bare() -> float:
         model = fresh()
-        bare.append(bare_loop(torch.compile(model) if args.compile else model, batches + batches, device, dtype,
-                              warmup=len(batches)))
+        return bare_loop(torch.compile(model) if args.compile else model, batches + batches, device, dtype,
+                         warmup=len(batches))
+
+    ours, bare = [], []
+    for repeat in range(args.repeats):  # interleaved, alternating which goes first
+        if repeat % 2:
+            bare.append(run_bare())
+            ours.append(vitsweep_loop(fresh(), batches, cfg, device, warmup=1))
+        else:
+            ours.append(vitsweep_loop(fresh(), batches, cfg, device, warmup=1))
+            bare.append(run_bare())
     ratios = [o / b for o, b in zip(ours, bare)]
     row = {
         "model": args.model, "variant": args.variant, "img_size": args.img_size, "patch_size": args.patch_size,
