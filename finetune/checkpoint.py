@@ -12,7 +12,6 @@ run resumed from epoch k gives the same metrics as an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import pickle
 import random
 import uuid
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from .callbacks import TrainState
-from .io_utils import atomic_path, sha256_file, write_json
+from .io_utils import atomic_path, read_tagged_json, sha256_file, write_json
 
 FORMAT = "vitsweep-checkpoint"
 MODEL_FILE = "model.safetensors"  # names before tagged files (still read)
@@ -114,12 +113,7 @@ def read_checkpoint(directory: str | Path) -> Dict[str, Any]:
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise CheckpointError(f"{str(directory)!r} is not a vitsweep checkpoint: {META_FILE} is missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"checkpoint {str(meta_path)!r} is corrupt: {err}") from err
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{str(directory)!r} is not a vitsweep checkpoint (format={meta.get('format')!r})")
+    meta = read_tagged_json(meta_path, FORMAT, "vitsweep checkpoint", CheckpointError)
     files = meta.get("files") or {"model": MODEL_FILE, "state": STATE_FILE}
     model_path, state_path = directory / files["model"], directory / files["state"]
     for name, digest in meta.get("sha256", {}).items():

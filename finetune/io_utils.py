@@ -53,3 +53,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_tagged_json(path: str | os.PathLike, fmt: str, what: str, error: type) -> dict:
+    """A JSON object written by vitsweep with ``"format": fmt``; anything else raises `error` naming the
+    file and what it is not (missing, invalid JSON, not an object, another format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{what} {str(path)!r} is not valid JSON (corrupt?): {err}") from err
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise error(f"{str(path)!r} is not a {what} (format={found!r}, expected {fmt!r})")
+    return data

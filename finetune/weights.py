@@ -5,13 +5,12 @@ model is never trained twice and never unpickled.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .io_utils import atomic_path, sha256_file, write_json
+from .io_utils import atomic_path, read_tagged_json, sha256_file, write_json
 from .models import WeightsError, build_vit
 
 FORMAT = "vitsweep-weights"
@@ -73,13 +72,7 @@ def read_sidecar(path: str | Path) -> Dict[str, Any]:
         raise WeightsError(f"weights file {str(weights_path)!r} does not exist")
     if not sidecar_path.is_file():
         raise WeightsError(f"sidecar {str(sidecar_path)!r} is missing: it says how to rebuild the model")
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"sidecar {str(sidecar_path)!r} is not valid JSON: {err}") from err
-    if sidecar.get("format") != FORMAT:
-        raise WeightsError(f"{str(sidecar_path)!r} is not a vitsweep weights sidecar (format={sidecar.get('format')!r})")
-    return sidecar
+    return read_tagged_json(sidecar_path, FORMAT, "vitsweep weights sidecar", WeightsError)
 
 
 def load_weight_dict(

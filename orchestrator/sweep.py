@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from finetune.config import ConfigError
+from finetune.io_utils import read_tagged_json, write_json
 from search_spaces import SweepSpec, count_trials, get_preset, load_config_file, validate_resources, validate_spec
 
 from .report import MARKER, Report, write_report
@@ -190,14 +190,14 @@ def write_marker(exp_dir: Path, spec: SweepSpec, trainable: str) -> Path:
 
     exp_dir.mkdir(parents=True, exist_ok=True)
     path = exp_dir / MARKER
-    path.write_text(json.dumps({
+    write_json(path, {
         "format": MARKER_FORMAT,
         "version": __version__,
         "source": spec.source,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "trainable": trainable,
         "spec": spec.to_dict(),
-    }, indent=2))
+    })
     return path
 
 
@@ -209,13 +209,7 @@ def read_marker(exp_dir: str | Path) -> Dict[str, Any]:
     path = exp_dir / MARKER
     if not path.is_file():
         raise ConfigError(f"{str(exp_dir)!r} is not a vitsweep experiment ({MARKER} is missing)")
-    try:
-        marker = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{str(path)!r} is corrupt: {err}") from err
-    if marker.get("format") != MARKER_FORMAT:
-        raise ConfigError(f"{str(path)!r} is not a vitsweep experiment marker (format={marker.get('format')!r})")
-    return marker
+    return read_tagged_json(path, MARKER_FORMAT, "vitsweep experiment marker", ConfigError)
 
 
 @dataclass
