@@ -19,6 +19,8 @@ whose resolved config has those values, so one sweep can fault a single trial. N
 
 from __future__ import annotations
 
+import abc
+
 import os
 import signal as _signal
 from pathlib import Path
@@ -33,7 +35,7 @@ class InjectedFault(RuntimeError):
     """The error `RaiseOnce` raises; its message names the epoch and batch."""
 
 
-class _StepFault(Callback):
+class _StepFault(Callback, abc.ABC):
     """Fires `_fire(state)` at (epoch, batch), at most once per marker file."""
 
     def __init__(self, epoch: int, batch: int, marker_path: Optional[str | os.PathLike] = None,
@@ -61,8 +63,9 @@ class _StepFault(Callback):
                 os.fsync(fh.fileno())
         self._fire(state)
 
+    @abc.abstractmethod
     def _fire(self, state: TrainState) -> None:
-        raise NotImplementedError
+        """Inject the fault (each subclass: kill, raise, poison the loss, ...)."""
 
 
 class KillOnce(_StepFault):

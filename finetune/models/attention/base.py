@@ -12,6 +12,7 @@ validate their hyperparameters against it (rank vs. token count, dilation vs. gr
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar, Optional, Tuple, Type
 
 import torch
@@ -22,7 +23,7 @@ class AttentionConfigError(ValueError):
     """A variant hyperparameter is out of range; the message names the value and what is allowed."""
 
 
-class AttentionBase(nn.Module):
+class AttentionBase(nn.Module, metaclass=abc.ABCMeta):
     """Multi-head self-attention with timm's `Attention` parameters and a pluggable `attend`.
 
     Args:
@@ -105,9 +106,9 @@ class AttentionBase(nn.Module):
             return None
         return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
 
+    @abc.abstractmethod
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: [B, H, N, D] -> [B, H, N, D]. Overridden by every variant."""
-        raise NotImplementedError(f"{type(self).__name__} must implement attend()")
+        """q, k, v: [B, H, N, D] -> [B, H, N, D]. Every variant implements it with its pure function."""
 
     def forward(
         self,
