@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from numbers import Number
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from torch.utils.tensorboard import SummaryWriter
 

@@ -6,7 +6,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from finetune.models import WeightsError, build_vit, load_pretrained_weights, vit_geometry
+from finetune.models import WeightsError, build_vit, vit_geometry
 from finetune.models.attention import AttentionConfigError, attention_layer, check_attention, get_attention_class
 
 

@@ -94,31 +94,17 @@ Hyperparameters:
 
 from __future__ import annotations
 
-import operator
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .base import AttentionBase, AttentionConfigError
+from .base import AttentionBase, AttentionConfigError, int_hparam
 from .performer import SOFTMAX_KERNEL_EPS, orthogonal_random_features, softmax_feature_parts
 from .registry import register_attention
 from .softmax import softmax_attention
 
 FUSIONS = ("sum", "gate")
-
-
-def _int_hparam(name: str, value: Any, minimum: int) -> int:
-    """`value` as an int >= minimum (numpy integers accepted, bools refused), else AttentionConfigError."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        as_int = operator.index(value)
-    except TypeError:
-        raise AttentionConfigError(f"atrous_linear {name}={value!r} must be an integer >= {minimum}") from None
-    if as_int < minimum:
-        raise AttentionConfigError(f"atrous_linear {name}={value!r} must be an integer >= {minimum}")
-    return as_int
 
 
 def head_groups(num_heads: int, num_groups: int) -> List[Tuple[int, int]]:
@@ -400,11 +386,11 @@ class AtrousLinearAttention(AttentionBase):
         rates = (dilation,) if not isinstance(dilation, Sequence) else tuple(dilation)
         if not rates:
             raise AttentionConfigError("atrous_linear dilation=() must hold at least one rate >= 1")
-        rates = tuple(_int_hparam("dilation", r, 1) for r in rates)
-        window = _int_hparam("window", window, 1)
+        rates = tuple(int_hparam("atrous_linear", "dilation", r, 1) for r in rates)
+        window = int_hparam("atrous_linear", "window", window, 1)
         if window % 2 == 0:
             raise AttentionConfigError(f"atrous_linear window={window} must be odd (a centred neighbourhood)")
-        features = _int_hparam("features", features, 1)
+        features = int_hparam("atrous_linear", "features", features, 1)
         if fusion not in FUSIONS:
             raise AttentionConfigError(f"atrous_linear fusion={fusion!r} is not one of {FUSIONS}")
         hp, wp = self.grid_size

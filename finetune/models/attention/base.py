@@ -13,7 +13,8 @@ validate their hyperparameters against it (rank vs. token count, dilation vs. gr
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, Optional, Tuple, Type
+import operator
+from typing import Any, ClassVar, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -21,6 +22,20 @@ from torch import nn
 
 class AttentionConfigError(ValueError):
     """A variant hyperparameter is out of range; the message names the value and what is allowed."""
+
+
+def int_hparam(variant: str, name: str, value: Any, minimum: int, odd: bool = False) -> int:
+    """`value` as an int >= minimum (numpy integers accepted, bools refused), else AttentionConfigError."""
+    allowed = f"an {'odd ' if odd else ''}integer >= {minimum}"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        as_int = operator.index(value)
+    except TypeError:
+        raise AttentionConfigError(f"{variant} {name}={value!r} must be {allowed}") from None
+    if as_int < minimum or (odd and as_int % 2 == 0):
+        raise AttentionConfigError(f"{variant} {name}={value!r} must be {allowed}")
+    return as_int
 
 
 class AttentionBase(nn.Module, metaclass=abc.ABCMeta):

@@ -31,29 +31,14 @@ Hyperparameters:
 
 from __future__ import annotations
 
-import operator
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .base import AttentionBase, AttentionConfigError
+from .base import AttentionBase, int_hparam
 from .registry import register_attention
 from .softmax import softmax_attention
-
-
-def _int_hparam(name: str, value: Any, minimum: int, odd: bool = False) -> int:
-    """`value` as an int >= minimum (numpy integers accepted, bools refused), else AttentionConfigError."""
-    allowed = f"an {'odd ' if odd else ''}integer >= {minimum}"
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        as_int = operator.index(value)
-    except TypeError:
-        raise AttentionConfigError(f"nystrom {name}={value!r} must be {allowed}") from None
-    if as_int < minimum or (odd and as_int % 2 == 0):
-        raise AttentionConfigError(f"nystrom {name}={value!r} must be {allowed}")
-    return as_int
 
 
 def segment_means(x: torch.Tensor, segments: int) -> torch.Tensor:
@@ -128,10 +113,10 @@ class NystromAttention(AttentionBase):
         conv_kernel: Optional[int] = None,
         **kwargs,
     ) -> None:
-        landmarks = _int_hparam("landmarks", landmarks, 1)
-        pinv_iterations = _int_hparam("pinv_iterations", pinv_iterations, 1)
+        landmarks = int_hparam("nystrom", "landmarks", landmarks, 1)
+        pinv_iterations = int_hparam("nystrom", "pinv_iterations", pinv_iterations, 1)
         if conv_kernel is not None:
-            conv_kernel = _int_hparam("conv_kernel", conv_kernel, 1, odd=True)
+            conv_kernel = int_hparam("nystrom", "conv_kernel", conv_kernel, 1, odd=True)
         super().__init__(*args, **kwargs)
         self.landmarks = landmarks
         self.pinv_iterations = pinv_iterations

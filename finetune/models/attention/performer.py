@@ -37,31 +37,17 @@ trained with. It is drawn from torch's global RNG (training is seeded globally).
 
 from __future__ import annotations
 
-import operator
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from .base import AttentionBase, AttentionConfigError
+from .base import AttentionBase, AttentionConfigError, int_hparam
 from .registry import register_attention
 
 PERFORMER_KERNELS = ("softmax", "relu")
 # Added to every stabilised softmax-kernel feature (performer-pytorch's default).
 SOFTMAX_KERNEL_EPS = 1e-4
 RELU_KERNEL_EPS = 1e-3
-
-
-def _int_hparam(name: str, value: Any, minimum: int) -> int:
-    """`value` as an int >= minimum (numpy integers accepted, bools refused), else AttentionConfigError."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        as_int = operator.index(value)
-    except TypeError:
-        raise AttentionConfigError(f"performer {name}={value!r} must be an integer >= {minimum}") from None
-    if as_int < minimum:
-        raise AttentionConfigError(f"performer {name}={value!r} must be an integer >= {minimum}")
-    return as_int
 
 
 def orthogonal_random_features(
@@ -168,9 +154,9 @@ class PerformerAttention(AttentionBase):
         kernel: str = "softmax",
         **kwargs,
     ) -> None:
-        features = _int_hparam("features", features, 1)
+        features = int_hparam("performer", "features", features, 1)
         if redraw_interval is not None:
-            redraw_interval = _int_hparam("redraw_interval", redraw_interval, 0)
+            redraw_interval = int_hparam("performer", "redraw_interval", redraw_interval, 0)
         if kernel not in PERFORMER_KERNELS:
             raise AttentionConfigError(f"performer kernel={kernel!r} is not one of {PERFORMER_KERNELS}")
         super().__init__(*args, **kwargs)
