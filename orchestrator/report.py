@@ -147,6 +147,8 @@ def collect_trials(exp_dir: str | Path) -> List[TrialRecord]:
 
     records = []
     for trial_id, trial_dir, config, status, error_filename, failures in entries:
+        if not config:  # an empty-config trial from Ray's restored generator (see trainables.train_vit)
+            continue
         history = _history(trial_dir)
         run_result = trial_dir / RUN_SUBDIR / "result.json"
         run_status = json.loads(run_result.read_text()).get("status") if run_result.is_file() else None

@@ -131,3 +131,10 @@ def test_non_finite_metrics_are_reported_as_none():
     assert clean["train/loss"] is None and clean["val/loss"] is None and clean["val/acc1"] == 0.1
     assert clean["nonfinite"] == "train/loss,val/loss" and clean["status"] == "diverged"
     json.dumps(clean, allow_nan=False)
+
+
+def test_empty_config_trials_are_not_vitsweep_trials(tmp_path):
+    """Ray's restored grid generator can add a trial with config {}: it runs nothing and is not reported."""
+    from trainables.finetune_trainable import train_vit
+
+    assert train_vit({}) is None  # returns before touching Tune's context or building anything

@@ -70,6 +70,11 @@ def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> Non
     `callbacks` run after Tune's reporter, e.g. fault injection from `finetune.faults`; pass them with
     ``tune.with_parameters(train_vit, callbacks=[...])``.
     """
+    if not config:
+        # Not a vitsweep trial: Ray 2.60's restored grid generator can add one trial with an empty
+        # config when the driver was killed mid-save (seen under `vitsweep resume`). Every vitsweep
+        # trial carries at least its `arch` block; run nothing, and the report skips it.
+        return
     cfg = TrainConfig.from_dict(flatten_trial_config(config))
     label = (config.get(ARCH_KEY) or {}).get(LABEL_KEY) or cfg.variant
     out_dir = os.path.join(tune.get_context().get_trial_dir(), RUN_SUBDIR)
