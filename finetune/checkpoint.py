@@ -23,15 +23,13 @@ import torch
 
 from .callbacks import TrainState
 from .io_utils import atomic_path, read_tagged_json, sha256_file, write_json
+from .errors import CheckpointError
 
 FORMAT = "vitsweep-checkpoint"
 MODEL_FILE = "model.safetensors"  # names before tagged files (still read)
 STATE_FILE = "training_state.pt"
 META_FILE = "meta.json"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing, incomplete, corrupt or from a different run."""
 
 
 def rng_state() -> Dict[str, Any]:

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
+from .errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENTS = ("timm", "none")
@@ -17,9 +18,6 @@ DEFAULT_MODEL = "vit_small_patch16_224"
 # In21k-only weights: the ImageNet-1k fine-tuned tags have already seen ImageNet-100's images.
 DEFAULT_PRETRAINED_TAG = "augreg_in21k"
 
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key, the value and what is allowed."""
 
 
 @dataclass

@@ -14,14 +14,12 @@ import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
+from .errors import MetricError
 
 _logger = logging.getLogger(__name__)
 
 NOT_AVAILABLE = None  # memory metrics on CPU: reported as "not available", never 0
 
-
-class MetricError(ValueError):
-    """A metric request that cannot be satisfied (e.g. top-k larger than the class count)."""
 
 
 # ----------------------------------------------------------------------------- accuracy

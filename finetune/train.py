@@ -17,12 +17,13 @@ import timm
 import torch
 
 from .callbacks import Callback, TrainState
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .errors import AttentionConfigError, ConfigError, TrainingOOMError
 from .io_utils import write_json
 from .loop import fit, resolve_device, resolve_precision, seed_everything
 from .metrics import MetricError, check_topk, cost_metrics
 from .models import build_vit, vit_geometry
-from .models.attention import AttentionConfigError, check_attention
+from .models.attention import check_attention
 
 _logger = logging.getLogger(__name__)
 
@@ -215,10 +216,6 @@ def run_training(
         result["weights"] = str(Path(out_dir) / "weights.safetensors")
         write_json(Path(out_dir) / "result.json", result)
     return result
-
-
-class TrainingOOMError(RuntimeError):
-    """The device ran out of memory; raised after the failed step's memory has been released."""
 
 
 def release_device_memory() -> None:

@@ -120,11 +120,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from finetune.errors import user_errors
+    from finetune.errors import VitsweepError
 
     try:
         return int(args.func(args) or 0)
-    except user_errors() as err:
+    except VitsweepError as err:
         return _fail(str(err))
     except KeyboardInterrupt:
         return 130

@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from finetune.config import ConfigError
+from finetune.errors import ConfigError, VitsweepError
 
-from .report import ReportError, write_report
+from .report import write_report
 from .sweep import DEFAULT_STORAGE, apply_overrides, load_spec, resume_sweep, run_sweep
 
 
@@ -81,7 +81,7 @@ def _guarded(func):
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (ConfigError, ReportError) as err:
+        except VitsweepError as err:
             print(f"vitsweep {args.command}: error: {err}", file=sys.stderr)
             return 2
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from trainables.layout import flatten_trial_config, trial_label
+from finetune.errors import ReportError
 
 RUN_SUBDIR = "run"  # trainables.finetune_trainable.RUN_SUBDIR (kept here so reports need no Ray import)
 MARKER = "vitsweep_experiment.json"
@@ -29,9 +30,6 @@ ATTENTION_KEYS = ("rank", "share_kv", "features", "redraw_interval", "kernel", "
 COLUMNS = ("variant", "config", "seeds", "acc1", "acc5", "params_m", "gmacs", "gflops", "peak_mem_mb",
            "train_img_s", "epochs", "status", "best")
 
-
-class ReportError(ValueError):
-    """The directory is not an experiment, or holds no trials."""
 
 
 @dataclass

@@ -23,6 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
+from ..errors import DataError
 
 KINDS = ("imagenet100", "hf", "imagefolder", "synthetic", "cache")
 # (default, minimum) of each synthetic option; the maximum of `classes` lives in synthetic.py.
@@ -37,9 +38,6 @@ SYNTHETIC_OPTIONS: Dict[str, tuple] = {
 VAL_SPLITS = ("validation", "val", "test")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
-
-class DataError(ValueError):
-    """A data spec, path, image or label is unusable; the message names the value and what is allowed."""
 
 
 @dataclass

@@ -18,8 +18,9 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .attention import attention_layer, get_attention_class
+from ..errors import WeightsError
 
 _logger = logging.getLogger(__name__)
 
@@ -27,9 +28,6 @@ _logger = logging.getLogger(__name__)
 # when the class count differs.
 HEAD_PREFIXES = ("head.",)
 
-
-class WeightsError(ValueError):
-    """A weights file is missing, unreadable, unsafe or does not fit the architecture."""
 
 
 @functools.lru_cache(maxsize=256)

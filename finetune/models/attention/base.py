@@ -18,10 +18,8 @@ from typing import Any, ClassVar, Optional, Tuple, Type
 
 import torch
 from torch import nn
+from ...errors import AttentionConfigError
 
-
-class AttentionConfigError(ValueError):
-    """A variant hyperparameter is out of range; the message names the value and what is allowed."""
 
 
 def int_hparam(variant: str, name: str, value: Any, minimum: int, odd: bool = False) -> int:
