@@ -1,4 +1,10 @@
-"""Atomic file writes: a crash mid-write leaves the previous file intact (temp file + rename)."""
+"""Atomic file writes (a crash mid-write leaves the previous file intact: temp file + rename), strict
+JSON, and the one policy for non-finite numbers.
+
+Non-finite numbers: in memory a metric keeps its float value, NaN and inf included (a diverged
+epoch's losses are NaN). Every output (JSON files, Ray reports, report tables) turns NaN and +-inf
+into None (JSON null; JSON has no NaN) with `json_safe` / `finite_or_none`, never into strings.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -29,21 +36,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
             os.unlink(tmp)
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf become strings so the file stays strict JSON; tuples become lists."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
+def finite_or_none(value: Any) -> Any:
+    """None for a non-finite real number (NaN, inf, -inf); any other value unchanged."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        return None
+    return value
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` ready for strict JSON: non-finite numbers become None (`finite_or_none`), tuples become
+    lists and dict keys strings, at any depth."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
+        return [json_safe(v) for v in obj]
+    return finite_or_none(obj)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """`json_safe(obj)` as indented, key-sorted strict JSON, written atomically."""
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(_json_safe(obj), f, indent=2, sort_keys=True, allow_nan=False)
+            json.dump(json_safe(obj), f, indent=2, sort_keys=True, allow_nan=False)
             f.write("\n")
 
 

@@ -1,16 +1,18 @@
-"""TensorBoard helpers: scalars under the DESIGN.md metric names, hparams, and a sample-image grid."""
+"""TensorBoard helpers: scalars under the metric names `finetune.loop.fit` reports (``train/loss``,
+``val/acc1``, ...), hparams, and a sample-image grid. Non-finite and missing values are not logged."""
 
 from __future__ import annotations
 
-import math
-from numbers import Number
+from numbers import Real
 from typing import Any, Mapping
 
 from torch.utils.tensorboard import SummaryWriter
 
+from .io_utils import finite_or_none
+
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, Number) and not isinstance(value, bool) and math.isfinite(float(value))
+    return isinstance(finite_or_none(value), Real) and not isinstance(value, bool)
 
 
 def _hparam_value(value: Any):
