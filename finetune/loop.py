@@ -1,9 +1,13 @@
-"""The reusable fine-tuning loop: ``fit(model, train_loader, val_loader, cfg, callbacks)``.
+"""The reusable fine-tuning loop, timm-style: `fit` runs `train_one_epoch` and `evaluate` per epoch.
 
-Reads top to bottom: optimiser and schedule from timm, then per epoch: train (forward, backward, step,
-schedule), evaluate, collect metrics, hand them to the callbacks (Ray reporting, checkpointing,
-TensorBoard are callbacks, not flags). Loss and accuracy accumulate on the device; the host syncs once
+`fit(model, train_loader, val_loader, cfg, callbacks)` builds the optimiser and schedule from timm,
+then per epoch: train (data, forward, backward, step, schedule), evaluate, collect metrics and hand
+them to the callbacks. Ray reporting, checkpointing, TensorBoard and fault injection are callbacks
+(`finetune.callbacks`), not flags. Loss and accuracy accumulate on the device; the host syncs once
 per log interval and once per epoch.
+
+Non-finite numbers stay floats in memory (a diverged epoch's losses are NaN); every output (JSON
+files, Ray reports) turns them into null with `finetune.io_utils.json_safe`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import math
 import random
 import time
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +29,9 @@ from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from .callbacks import Callback, TrainState
-from .config import ConfigError, TrainConfig
+from .checkpoint import restore_checkpoint
+from .config import TrainConfig
+from .errors import ConfigError
 from .metrics import MemoryTracker, Throughput, device_peak_tflops, model_flops_utilization, topk_correct
 
 _logger = logging.getLogger(__name__)
@@ -91,18 +97,120 @@ def build_mixup(cfg: TrainConfig, num_classes: int) -> Optional[Mixup]:
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
 
 
-def _reseed_loader(loader: Iterable, seed: int, epoch: int) -> None:
-    """Shuffle order (and worker seeds) depend only on (seed, epoch): resumed runs see the same batches."""
-    generator = getattr(loader, "generator", None)
-    if isinstance(generator, torch.Generator):
-        generator.manual_seed(seed * 100003 + epoch)
-
-
 def _current_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- one batch
+def _to_device(
+    images: torch.Tensor,
+    target: torch.Tensor,
+    device: torch.device,
+    batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(device, non_blocking=True)  # (B, 3, H, W)
+    target = target.to(device, non_blocking=True)  # (B,)
+    if batch_transform is not None:
+        images = batch_transform(images)  # uint8 (B, 3, H, W) -> float (B, 3, h, w)
+    return images, target
+
+
+def _mix(images: torch.Tensor, target: torch.Tensor, mixup: Optional[Mixup], num_classes: int):
+    """(images, target) for the criterion: Mixup/CutMix needs an even batch, so an odd (last) batch
+    gets plain one-hot targets instead."""
+    if mixup is None:
+        return images, target
+    if images.shape[0] % 2 == 0:
+        return mixup(images, target)  # target: (B,) -> soft (B, classes)
+    return images, nn.functional.one_hot(target, num_classes).float()  # (B, classes)
+
+
+def train_step(
+    state: TrainState,
+    model: nn.Module,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    criterion: nn.Module,
+    autocast_dtype: Optional[torch.dtype] = None,
+    clip_grad: Optional[float] = None,
+) -> torch.Tensor:
+    """Forward, backward (scaled when `state.scaler` is set), clip, optimiser step and schedule
+    update for one batch; returns the loss. `model` runs the forward (it may be the compiled
+    `state.model`)."""
+    with _autocast(images.device, autocast_dtype):
+        logits = model(images)  # (B, classes)
+        loss = criterion(logits.float(), target)
+    optimizer, scaler = state.optimizer, state.scaler
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    state.global_step += 1
+    state.scheduler.step_update(num_updates=state.global_step)
+    return loss
+
+
+# ----------------------------------------------------------------------------- one epoch
+def train_one_epoch(
+    state: TrainState,
+    model: nn.Module,
+    loader: Iterable,
+    criterion: nn.Module,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    num_batches: int,
+    num_classes: int,
+    autocast_dtype: Optional[torch.dtype] = None,
+    mixup: Optional[Mixup] = None,
+    batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+) -> Tuple[Dict[str, float], bool]:
+    """Train on at most `num_batches` batches of `loader`.
+
+    Returns (``{"train/loss", "throughput/train_img_s"}``, diverged). The running loss is checked at
+    every log interval; when it is not finite the epoch stops there and `diverged` is True.
+    """
+    state.model.train()
+    loss_sum = torch.zeros((), device=device)
+    seen = 0
+    diverged = False
+    bar = tqdm(total=num_batches, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+    with Throughput(device) as timer:
+        for i, (images, target) in enumerate(loader):
+            if i >= num_batches:
+                break
+            images, target = _to_device(images, target, device, batch_transform)
+            images, target = _mix(images, target, mixup, num_classes)
+            loss = train_step(state, model, images, target, criterion, autocast_dtype, cfg.clip_grad)
+            loss_sum += loss.detach() * images.shape[0]
+            seen += images.shape[0]
+            for cb in callbacks:
+                cb.on_train_batch_end(state, i)
+            if (i + 1) % cfg.log_interval == 0 or i + 1 == num_batches:
+                running = loss_sum.item() / seen  # one host sync per log interval
+                bar.set_postfix(loss=f"{running:.4f}", lr=f"{_current_lr(state.optimizer):.2e}")
+                if not math.isfinite(running):
+                    diverged = True
+                    break
+            bar.update(1)
+    timer.images = seen
+    bar.close()
+    train_loss = loss_sum.item() / max(1, seen)
+    metrics = {"train/loss": train_loss, "throughput/train_img_s": timer.images_per_second}
+    return metrics, diverged or not math.isfinite(train_loss)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -124,10 +232,7 @@ def evaluate(
         for i, (images, target) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            images = images.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            if batch_transform is not None:
-                images = batch_transform(images)  # uint8 (B, 3, H, W) -> float (B, 3, h, w)
+            images, target = _to_device(images, target, device, batch_transform)
             with _autocast(device, autocast_dtype):
                 logits = model(images)  # (B, classes)
             loss_sum += criterion(logits.float(), target)
@@ -143,10 +248,43 @@ def evaluate(
     return out
 
 
+def diverged_val_metrics(topk: Sequence[int]) -> Dict[str, float]:
+    """Stand-ins for `evaluate` after a divergence: a diverged model's predictions are meaningless,
+    so its accuracy is zero (no scheduler or report ranks it best) and its loss NaN."""
+    return {"val/loss": float("nan"), **{f"val/acc{k}": 0.0 for k in topk}, "throughput/eval_img_s": 0.0}
+
+
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _epoch_metrics(
+    state: TrainState,
+    train: Dict[str, float],
+    val: Dict[str, float],
+    memory: Dict[str, Optional[float]],
+    seconds: float,
+    device: torch.device,
+    precision: str,
+) -> Dict[str, Any]:
+    """The metrics of the epoch just completed (`state.epoch` already counts it), without `status`."""
+    metrics: Dict[str, Any] = {
+        "epoch": state.epoch,
+        "train/loss": train["train/loss"],
+        **val,
+        "lr": _current_lr(state.optimizer),
+        "throughput/train_img_s": train["throughput/train_img_s"],
+        "time/epoch_s": seconds,
+        **memory,
+        **state.static_metrics,
+    }
+    peak = device_peak_tflops(device, precision)
+    if peak is not None:
+        gflops = state.static_metrics.get("cost/gflops", 0.0)
+        metrics["throughput/mfu"] = model_flops_utilization(gflops, metrics["throughput/train_img_s"], peak)
+    return metrics
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -171,21 +309,20 @@ def fit(
     RNG state and counters are restored and training continues at the next epoch. `static_metrics`
     (params, FLOPs) are merged into every epoch's metrics. `train_batch_transform` /
     `eval_batch_transform` run on the device after the copy (the decode-once cache path does its
-    crop, flip and normalisation there). A non-finite training loss stops the run
-    with status ``diverged`` (reported as a metric, not raised).
+    crop, flip and normalisation there). A train loader whose sampler has `set_epoch` gets it at the
+    start of every epoch. A non-finite training loss stops the run with status ``diverged``
+    (reported as a metric, not raised).
     """
-    from .checkpoint import restore_checkpoint
-
     device = device or resolve_device(cfg.device)
     autocast_dtype, use_scaler = resolve_precision(cfg.precision, device)
     model.to(device)
     forward_model = torch.compile(model) if cfg.compile else model
 
-    updates_per_epoch = len(train_loader) if cfg.max_train_batches is None else min(len(train_loader), cfg.max_train_batches)
-    if updates_per_epoch == 0:
+    num_batches = len(train_loader) if cfg.max_train_batches is None else min(len(train_loader), cfg.max_train_batches)
+    if num_batches == 0:
         raise ConfigError(f"the training set gives no batch of batch_size={cfg.batch_size}; lower --batch-size")
     optimizer = build_optimizer(model, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg, num_batches)
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     mixup = build_mixup(cfg, num_classes)
     criterion: nn.Module = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -200,81 +337,22 @@ def fit(
 
     status = "finished" if state.epoch >= cfg.epochs else "running"
     while state.epoch < cfg.epochs and not state.should_stop:
-        epoch = state.epoch
-        _reseed_loader(train_loader, cfg.seed, epoch)
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        seen = 0
-        diverged = False
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(state.epoch)  # the epoch's order depends on (seed, epoch) alone
         epoch_start = time.perf_counter()
-        bar = tqdm(total=updates_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        with MemoryTracker(device) as memory:
-            with Throughput(device) as train_timer:
-                for i, (images, target) in enumerate(train_loader):
-                    if i >= updates_per_epoch:
-                        break
-                    images = images.to(device, non_blocking=True)  # (B, 3, H, W)
-                    target = target.to(device, non_blocking=True)  # (B,)
-                    if train_batch_transform is not None:
-                        images = train_batch_transform(images)  # uint8 (B, 3, H, W) -> float (B, 3, h, w)
-                    soft_target = target
-                    if mixup is not None and images.shape[0] % 2 == 0:
-                        images, soft_target = mixup(images, target)  # soft_target: (B, classes)
-                    elif mixup is not None:
-                        soft_target = nn.functional.one_hot(target, num_classes).float()
-                    with _autocast(device, autocast_dtype):
-                        logits = forward_model(images)  # (B, classes)
-                        loss = criterion(logits.float(), soft_target)
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
-                    else:
-                        loss.backward()
-                    if cfg.clip_grad is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    state.global_step += 1
-                    scheduler.step_update(num_updates=state.global_step)
-                    loss_sum += loss.detach() * images.shape[0]
-                    seen += images.shape[0]
-                    for cb in callbacks:
-                        cb.on_train_batch_end(state, i)
-                    if (i + 1) % cfg.log_interval == 0 or i + 1 == updates_per_epoch:
-                        running = loss_sum.item() / seen  # one host sync per log interval
-                        bar.set_postfix(loss=f"{running:.4f}", lr=f"{_current_lr(optimizer):.2e}")
-                        if not math.isfinite(running):
-                            diverged = True
-                            break
-                    bar.update(1)
-            train_timer.images = seen
-            bar.close()
-            metrics: Dict[str, Any] = {"epoch": epoch + 1, "train/loss": loss_sum.item() / max(1, seen)}
-            if diverged or not math.isfinite(metrics["train/loss"]):
-                # A diverged model's predictions are meaningless: report zero accuracy so that no
-                # scheduler or report ranks it best, and say why in `status`.
-                metrics.update({"val/loss": float("nan"), **{f"val/acc{k}": 0.0 for k in cfg.topk}})
-                metrics["throughput/eval_img_s"] = 0.0
-                diverged = True
+        with MemoryTracker(device) as memory:  # peak over training and evaluation
+            train, diverged = train_one_epoch(
+                state, forward_model, train_loader, criterion, cfg, device=device, num_batches=num_batches,
+                num_classes=num_classes, autocast_dtype=autocast_dtype, mixup=mixup,
+                batch_transform=train_batch_transform, callbacks=callbacks, progress=progress,
+            )
+            if diverged:
+                val = diverged_val_metrics(cfg.topk)
             else:
-                metrics.update(evaluate(forward_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, eval_batch_transform))
-        state.epoch = epoch + 1
-        metrics.update(
-            {
-                "lr": _current_lr(optimizer),
-                "throughput/train_img_s": train_timer.images_per_second,
-                "time/epoch_s": time.perf_counter() - epoch_start,
-                **memory.metrics(),
-                **state.static_metrics,
-            }
-        )
-        peak = device_peak_tflops(device, cfg.precision)
-        if peak is not None:
-            metrics["throughput/mfu"] = model_flops_utilization(state.static_metrics.get("cost/gflops", 0.0), metrics["throughput/train_img_s"], peak)
+                val = evaluate(forward_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, eval_batch_transform)
+        state.epoch += 1
+        metrics = _epoch_metrics(state, train, val, memory.metrics(), time.perf_counter() - epoch_start, device, cfg.precision)
         if diverged:
             state.should_stop, state.stop_reason = True, "diverged"
         status = "diverged" if diverged else ("finished" if state.epoch >= cfg.epochs else "running")

@@ -106,7 +106,7 @@ def test_loader_workers_read_the_same_batches(folder_cache):
     batches = []
     for workers in (0, 1):
         train, val = build_loaders(bundle, batch_size=4, num_workers=workers, device=torch.device("cpu"), seed=3)
-        train.generator.manual_seed(7)
+        train.sampler.set_epoch(7)
         batches.append([(x.clone(), y.clone()) for loader in (train, val) for x, y in loader])
     assert len(batches[0]) == 3 + 2
     for (xa, ya), (xb, yb) in zip(*batches):

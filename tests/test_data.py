@@ -204,7 +204,7 @@ def test_synthetic_is_learnable_by_a_small_vit(one_thread):
     )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for epoch in range(3):
-        train.generator.manual_seed(epoch)
+        train.sampler.set_epoch(epoch)
         for x, y in train:
             loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
@@ -234,19 +234,24 @@ def test_loaders_shapes_and_drop_last():
     assert [len(y) for _, y in train] == [5]  # fewer images than a batch: keep them
 
 
-def test_loader_order_reproducible_with_generator_reseed():
+def test_loader_order_reproducible_with_set_epoch():
     b = build_data("synthetic:classes=5,size=8,n=40,n_val=5", small_prep(size=8))
     train, _ = build_loaders(b, batch_size=10, num_workers=0, device=torch.device("cpu"), seed=3)
-    train.generator.manual_seed(3 * 100003 + 1)
+    train.sampler.set_epoch(1)
     first = _labels_in_order(train)
-    assert _labels_in_order(train) != first  # no reseed: the next epoch is shuffled anew
-    train.generator.manual_seed(3 * 100003 + 1)
-    assert _labels_in_order(train) == first
-    train.generator.manual_seed(3 * 100003 + 2)
+    assert _labels_in_order(train) == first  # no set_epoch: the same order again (as DistributedSampler)
+    train.sampler.set_epoch(2)
     assert _labels_in_order(train) != first
-    fresh, _ = build_loaders(b, batch_size=10, num_workers=0, device=torch.device("cpu"), seed=0)
-    fresh.generator.manual_seed(3 * 100003 + 1)
+    train.sampler.set_epoch(1)
+    assert _labels_in_order(train) == first
+    fresh, _ = build_loaders(b, batch_size=10, num_workers=0, device=torch.device("cpu"), seed=3)
+    fresh.sampler.set_epoch(1)
     assert _labels_in_order(fresh) == first
+    other, _ = build_loaders(b, batch_size=10, num_workers=0, device=torch.device("cpu"), seed=4)
+    other.sampler.set_epoch(1)
+    assert _labels_in_order(other) != first
+    # epoch e of seed s is the permutation of seed s * 100003 + e (the order the loop always used)
+    assert list(train.sampler) == torch.randperm(40, generator=torch.Generator().manual_seed(3 * 100003 + 1)).tolist()
 
 
 def test_loader_with_persistent_workers_resumes_order():
@@ -256,10 +261,10 @@ def test_loader_with_persistent_workers_resumes_order():
     assert train.persistent_workers and train.worker_init_fn is not None
     orders = []
     for epoch in range(2):
-        train.generator.manual_seed(epoch)
+        train.sampler.set_epoch(epoch)
         orders.append(_labels_in_order(train))
     resumed, _ = build_loaders(b, batch_size=6, num_workers=2, device=torch.device("cpu"), seed=0)
-    resumed.generator.manual_seed(1)
+    resumed.sampler.set_epoch(1)
     assert _labels_in_order(resumed) == orders[1] != orders[0]
     assert sum(len(y) for _, y in val) == 6
 

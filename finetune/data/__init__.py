@@ -1,10 +1,17 @@
 """Data for fine-tuning: `--data SPEC` sources, timm preprocessing (logged to preprocessing.json),
 loaders with reproducible order, image grids for sanity checks, and the decode-once cache (uint8
-images on disk, crop/flip/normalise in batches on the device)."""
+images on disk, crop/flip/normalise in batches on the device).
 
-from .cache import CacheDataset, build_cache, check_cache_dir, verify_cache
+Layers, each importing only those above it: `spec` (parsing, layout checks) -> `synthetic`,
+`preprocessing` -> `gpu_transforms` -> `cache` (reading) -> `sources` (spec -> DataBundle) ->
+`cache_build` -> `loaders`, `plots`.
+"""
+
+from ..errors import DataError
+from .cache import CacheDataset, check_cache_dir, verify_cache
+from .cache_build import build_cache
 from .gpu_transforms import BatchEvalTransform, BatchTrainTransform
-from .loaders import EpochGenerator, ReseedableSampler, build_loaders, seed_worker
+from .loaders import EpochSampler, build_loaders, seed_worker
 from .plots import plot_grid, show_data
 from .preprocessing import Preprocessing, denormalize, normalize, resolve_preprocessing
 from .sources import (
@@ -13,9 +20,10 @@ from .sources import (
     FolderDataset,
     HFImageDataset,
     build_data,
+    check_data_spec,
     imagenet100_wnids,
 )
-from .spec import DataError, DataSpec, check_data_spec, parse_data_spec
+from .spec import DataSpec, parse_data_spec
 from .synthetic import SyntheticShapes
 
 __all__ = [
@@ -26,11 +34,10 @@ __all__ = [
     "DataBundle",
     "DataError",
     "DataSpec",
-    "EpochGenerator",
+    "EpochSampler",
     "FolderDataset",
     "HFImageDataset",
     "Preprocessing",
-    "ReseedableSampler",
     "SyntheticShapes",
     "build_cache",
     "build_data",

@@ -1,5 +1,6 @@
-"""Decode-once cache: every image of a source decoded once, resized to a fixed square and stored as
-uint8, so that training reads pixels instead of decoding JPEGs (`vitsweep data cache`, `cache:<DIR>`).
+"""Decode-once cache, reading side: every image of a source decoded once, resized to a fixed square
+and stored as uint8, so that training reads pixels instead of decoding JPEGs (`cache:<DIR>`). The
+cache is written by `finetune.data.cache_build` (`vitsweep data cache`).
 
 Layout of a cache directory:
 
@@ -19,29 +20,21 @@ decode, no pickle and no dependency; the header carries shape and dtype and the 
 block, so byte sizes are exact and a truncated file is detected by `stat` alone. Arrow would add
 row-group framing and per-column chunking for no gain on fixed-size tensors; safetensors holds one
 header for all tensors and is meant to be read whole, not sliced per image.
-
-Writing is atomic: everything goes to a temporary sibling directory that is renamed to DIR at the
-end, so an interrupted build leaves no half cache under DIR.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
-import time
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .preprocessing import Preprocessing
-from .spec import DataError
+from ..errors import DataError
+from ..io_utils import sha256_file
 
 FORMAT = "vitsweep-cache"
 VERSION = 1
@@ -52,144 +45,9 @@ MANIFEST = "manifest.json"
 # (`verify_cache`), since hashing ImageNet-100 (~25 GB) takes minutes.
 VERIFY_ON_LOAD_BYTES = 256 * 2**20
 _REQUIRED = ("format", "version", "source", "class_names", "size", "layout", "dtype", "splits")
+_FILES = ("images", "labels")
 
 
-class SquareResize:
-    """PIL image -> uint8 [3, size, size]: shorter side to `size` (bicubic), centre crop."""
-
-    def __init__(self, size: int) -> None:
-        from torchvision import transforms
-
-        self.size = size
-        self.transform = transforms.Compose(
-            [transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size)]
-        )
-
-    def __call__(self, image) -> np.ndarray:
-        pixels = np.asarray(self.transform(image.convert("RGB")), dtype=np.uint8)  # (S, S, 3)
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, S, S)
-
-
-def _collate(items: List[Tuple[np.ndarray, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    # tensors, not arrays: a worker hands them over in shared memory instead of pickling the pixels
-    images = torch.from_numpy(np.stack([x for x, _ in items]))  # (b, 3, S, S) uint8
-    return images, torch.tensor([y for _, y in items], dtype=torch.int64)  # (b,)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _file_entry(path: Path) -> Dict[str, Any]:
-    return {"path": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _write_split(
-    dataset: Dataset, tmp: Path, split: str, size: int, num_classes: int, num_workers: int, progress: bool
-) -> Dict[str, Any]:
-    """Decode `dataset` (yielding (uint8 [3, S, S], label)) in parallel into {split}_images/labels.npy."""
-    from tqdm import tqdm
-
-    n = len(dataset)
-    images_path, labels_path = tmp / f"{split}_images.npy", tmp / f"{split}_labels.npy"
-    images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
-    labels = np.empty(n, dtype=np.int64)
-    loader = DataLoader(dataset, batch_size=64, shuffle=False, num_workers=num_workers, collate_fn=_collate)
-    pos = 0
-    with tqdm(total=n, desc=f"cache {split}", disable=not progress, leave=False) as bar:
-        for batch, batch_labels in loader:
-            images[pos : pos + len(batch)] = batch.numpy()
-            labels[pos : pos + len(batch)] = batch_labels.numpy()
-            pos += len(batch)
-            bar.update(len(batch))
-    if pos != n:
-        raise DataError(f"the {split} split yielded {pos} images but reports {n}")
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if bad.size:
-        raise DataError(f"{split} image {int(bad[0])} has label {int(labels[bad[0]])}, outside 0..{num_classes - 1}")
-    images.flush()
-    del images  # close the memmap before hashing
-    np.save(labels_path, labels)
-    return {"count": n, "images": _file_entry(images_path), "labels": _file_entry(labels_path)}
-
-
-def build_cache(
-    spec: str,
-    out_dir: str | os.PathLike,
-    size: int = 256,
-    num_workers: Optional[int] = None,
-    skip_bad_images: bool = False,
-    seed: int = 0,
-    progress: bool = False,
-) -> Dict[str, Any]:
-    """Decode every train and val image of SPEC once into a cache at `out_dir`; returns the manifest.
-
-    Args:
-        spec: a `--data` spec of an image source (not `cache:`).
-        out_dir: the cache directory; must not exist or be empty.
-        size: side S of the stored square images (shorter side resized to S, centre crop).
-        num_workers: decoding processes (DataLoader workers); None: min(8, CPU count).
-        skip_bad_images: image folders only: drop unreadable files (counted in the manifest).
-        seed: the synthetic source's seed when the spec does not set `seed=`.
-        progress: show a progress bar per split.
-    """
-    from .sources import build_sources
-    from .spec import parse_data_spec
-
-    if size < 8:
-        raise DataError(f"cache size={size} is too small; use >= 8 (256 for 224 px models)")
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
-    if num_workers < 0:
-        raise DataError(f"num_workers={num_workers} must be >= 0")
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"cache directory {str(out)!r} already exists and is not empty; remove it or choose another")
-    resize = SquareResize(size)
-    train, val, names, skipped = build_sources(spec, resize, resize, skip_bad_images=skip_bad_images, seed=seed)
-
-    start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        splits = {
-            split: _write_split(ds, tmp, split, size, len(names), num_workers, progress)
-            for split, ds in zip(SPLITS, (train, val))
-        }
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "source": spec,
-            "seed": seed if parse_data_spec(spec).kind == "synthetic" else None,
-            "class_names": list(names),
-            "num_classes": len(names),
-            "size": size,
-            "layout": LAYOUT,
-            "dtype": "uint8",
-            "label_dtype": "int64",
-            "resize": f"shorter side to {size} (bicubic), centre crop {size}x{size}",
-            "splits": splits,
-            "skipped_images": skipped,
-            "total_bytes": sum(f["bytes"] for s in splits.values() for f in (s["images"], s["labels"])),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "build_seconds": round(time.perf_counter() - start, 3),
-        }
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename needs the name free
-        os.rename(tmp, out)
-    except BaseException:
-        # Remove the partial build and re-raise the original error; a failure to delete must not mask it.
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
-
-
-# ----------------------------------------------------------------------------------------- reading
 def read_manifest(root: str | os.PathLike) -> Dict[str, Any]:
     """The manifest of cache `root`, with its structure checked (files are not touched)."""
     root = Path(root)
@@ -217,42 +75,44 @@ def read_manifest(root: str | os.PathLike) -> Dict[str, Any]:
         raise DataError(f"cache manifest {str(path)!r}: layout {manifest['layout']!r} dtype {manifest['dtype']!r}; expected {LAYOUT} uint8")
     for split in SPLITS:
         entry = manifest["splits"].get(split) if isinstance(manifest["splits"], dict) else None
-        if not isinstance(entry, dict) or not all(k in entry for k in ("count", "images", "labels")):
+        if not isinstance(entry, dict) or not all(k in entry for k in ("count", *_FILES)):
             raise DataError(f"cache manifest {str(path)!r} has no complete entry for split {split!r}")
     return manifest
+
+
+def _files(root: str | os.PathLike, manifest: Dict[str, Any]) -> Iterator[Tuple[Path, Dict[str, Any]]]:
+    """(path, manifest entry) of every data file, train then val, images then labels."""
+    for split in SPLITS:
+        for key in _FILES:
+            entry = manifest["splits"][split][key]
+            yield Path(root) / entry["path"], entry
 
 
 def check_cache_dir(root: str | os.PathLike) -> Dict[str, Any]:
     """Manifest valid and every file present with the byte size the manifest records (stat only)."""
     manifest = read_manifest(root)
-    for split in SPLITS:
-        for key in ("images", "labels"):
-            entry = manifest["splits"][split][key]
-            path = Path(root) / entry["path"]
-            if not path.is_file():
-                raise DataError(f"cache file {str(path)!r} is missing (listed in the manifest)")
-            actual = path.stat().st_size
-            if actual != entry["bytes"]:
-                raise DataError(
-                    f"cache file {str(path)!r} has {actual} bytes but the manifest expects {entry['bytes']} "
-                    f"({'truncated' if actual < entry['bytes'] else 'larger than written'}); rebuild the cache"
-                )
+    for path, entry in _files(root, manifest):
+        if not path.is_file():
+            raise DataError(f"cache file {str(path)!r} is missing (listed in the manifest)")
+        actual = path.stat().st_size
+        if actual != entry["bytes"]:
+            raise DataError(
+                f"cache file {str(path)!r} has {actual} bytes but the manifest expects {entry['bytes']} "
+                f"({'truncated' if actual < entry['bytes'] else 'larger than written'}); rebuild the cache"
+            )
     return manifest
 
 
 def verify_cache(root: str | os.PathLike) -> Dict[str, Any]:
     """`check_cache_dir` plus the sha256 of every file (reads the whole cache)."""
     manifest = check_cache_dir(root)
-    for split in SPLITS:
-        for key in ("images", "labels"):
-            entry = manifest["splits"][split][key]
-            path = Path(root) / entry["path"]
-            digest = _sha256(path)
-            if digest != entry["sha256"]:
-                raise DataError(
-                    f"cache file {str(path)!r} has sha256 {digest[:16]}... but the manifest records "
-                    f"{entry['sha256'][:16]}...; rebuild the cache"
-                )
+    for path, entry in _files(root, manifest):
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise DataError(
+                f"cache file {str(path)!r} has sha256 {digest[:16]}... but the manifest records "
+                f"{entry['sha256'][:16]}...; rebuild the cache"
+            )
     return manifest
 
 
@@ -299,25 +159,15 @@ def load_cache_split(root: str | os.PathLike, split: str, manifest: Dict[str, An
     return CacheDataset(images_path, labels, shape)
 
 
-def build_cache_data(root: str, spec: str, preprocessing: Preprocessing, verify: Optional[bool] = None):
-    """The DataBundle of cache `root`: uint8 datasets plus the batch transforms that crop, flip and
-    normalise on the device (`finetune.data.gpu_transforms`). With augment='none' training uses the
-    eval transform. `verify`: checksum every file (None: only when the cache is small)."""
-    from .gpu_transforms import BatchEvalTransform, BatchTrainTransform
-    from .sources import DataBundle
-
+def open_cache(root: str | os.PathLike, verify: Optional[bool] = None) -> Tuple[CacheDataset, CacheDataset, Dict[str, Any]]:
+    """(train, val, manifest) of cache `root`, every file checked by size; `verify`: checksum every
+    file too (None: only when the cache is at most VERIFY_ON_LOAD_BYTES)."""
     manifest = check_cache_dir(root)
-    total = sum(manifest["splits"][s][k]["bytes"] for s in SPLITS for k in ("images", "labels"))
+    total = sum(entry["bytes"] for _, entry in _files(root, manifest))
     if verify or (verify is None and total <= VERIFY_ON_LOAD_BYTES):
         verify_cache(root)
     train, val = (load_cache_split(root, split, manifest) for split in SPLITS)
-    names = list(manifest["class_names"])
-    eval_tf = BatchEvalTransform(preprocessing)
-    train_tf = eval_tf if preprocessing.augment == "none" else BatchTrainTransform(preprocessing)
-    return DataBundle(
-        train, val, names, len(names), spec, preprocessing, int(manifest.get("skipped_images", 0)),
-        train_batch_transform=train_tf, eval_batch_transform=eval_tf,
-    )
+    return train, val, manifest
 
 
 def describe(manifest: Dict[str, Any]) -> str:

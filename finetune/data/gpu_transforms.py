@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import roi_align
 
+from ..errors import DataError
 from .preprocessing import Preprocessing
-from .spec import DataError
 
 RATIO = (3 / 4, 4 / 3)
 _TRIES = 10  # torchvision's RandomResizedCrop.get_params
@@ -219,8 +221,6 @@ class BatchTrainTransform:
         return out
 
     def _thread_pool(self, threads: int):
-        from concurrent.futures import ThreadPoolExecutor
-
         key = (os.getpid(), threads)  # a forked child inherits the pool object but not its threads
         if self._pool is None or self._pool[0] != key:
             self._pool = (key, ThreadPoolExecutor(threads, thread_name_prefix="batch-transform"))
@@ -230,8 +230,6 @@ class BatchTrainTransform:
         return {**self.__dict__, "_pool": None}
 
     def _roi(self, x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        from torchvision.ops import roi_align
-
         top, left, h, w = boxes.to(torch.float32).unbind(1)
         idx = torch.arange(x.shape[0], device=x.device, dtype=torch.float32)
         rois = torch.stack([idx, left, top, left + w, top + h], dim=1)  # (B, 5): index, x1, y1, x2, y2

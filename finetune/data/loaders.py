@@ -1,4 +1,5 @@
-"""DataLoaders with a reproducible, re-seedable shuffle order."""
+"""DataLoaders with a reproducible shuffle order: the train sampler's `set_epoch(epoch)` fixes that
+epoch's order from (seed, epoch) alone, as `torch.utils.data.DistributedSampler` does."""
 
 from __future__ import annotations
 
@@ -9,41 +10,31 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-
-class EpochGenerator(torch.Generator):
-    """A torch.Generator that remembers when `manual_seed` was last called (see `ReseedableSampler`)."""
-
-    reseeded: bool = False
-
-    def manual_seed(self, seed: int) -> "EpochGenerator":
-        self.reseeded = True
-        return super().manual_seed(seed)
+# Run seed -> sampler seed. The epoch is added to it, so the stride keeps runs with seeds s and s + 1
+# from sharing orders (run s, epoch e + 1 == run s + 1, epoch e) for fewer than 100003 epochs.
+SEED_STRIDE = 100003
 
 
-class ReseedableSampler(Sampler[int]):
-    """Random permutations whose order after `generator.manual_seed(s)` depends on s alone.
+class EpochSampler(Sampler[int]):
+    """A random permutation of range(num_samples) per epoch, from
+    `torch.Generator().manual_seed(seed + epoch)`. Call `set_epoch(epoch)` before each epoch; without
+    it every pass repeats the same order. The order depends on (seed, epoch) alone, so a run resumed
+    at epoch k sees the same batches as an uninterrupted one."""
 
-    DataLoader also draws its workers' base seed from the same generator, but only when it creates
-    an iterator, which persistent workers do once: drawing the permutation straight from the
-    generator would make the first epoch after a reseed differ from later ones (and a resumed run
-    differ from an uninterrupted one). So each reseed restarts a private generator at
-    `generator.initial_seed()`; without a reseed, epochs continue its stream.
-    """
-
-    def __init__(self, num_samples: int, generator: EpochGenerator) -> None:
+    def __init__(self, num_samples: int, seed: int) -> None:
         self.num_samples = num_samples
-        self.generator = generator
-        self._stream = torch.Generator()
-        self._stream.manual_seed(generator.initial_seed())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        if self.generator.reseeded:
-            self._stream.manual_seed(self.generator.initial_seed())
-            self.generator.reseeded = False
-        return iter(torch.randperm(self.num_samples, generator=self._stream).tolist())
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
 
 def seed_worker(worker_id: int) -> None:
@@ -63,13 +54,12 @@ def build_loaders(
 ) -> Tuple[DataLoader, DataLoader]:
     """(train, val) loaders for a DataBundle.
 
-    The train loader shuffles with a sampler tied to its own generator (`loader.generator`): calling
-    `loader.generator.manual_seed(seed * 100003 + epoch)` before an epoch fixes that epoch's order,
-    whatever happened before. It drops the last partial batch only when the dataset holds at least
-    one full batch. Workers (num_workers > 0) are persistent and seed numpy/random from torch.
+    The train loader shuffles with an `EpochSampler`: `loader.sampler.set_epoch(epoch)` before an
+    epoch fixes its order, whatever happened before. The train loader's own generator (seeded from
+    `seed`) draws the workers' base seed, so torch's global RNG is not touched and worker seeds
+    depend on `seed` alone. It drops the last partial batch only when the dataset holds at least one
+    full batch. Workers (num_workers > 0) are persistent and seed numpy/random from torch.
     """
-    generator = EpochGenerator()
-    generator.manual_seed(seed)
     common = dict(
         num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda",
@@ -79,8 +69,8 @@ def build_loaders(
     train = DataLoader(
         bundle.train,
         batch_size=batch_size,
-        sampler=ReseedableSampler(len(bundle.train), generator),
-        generator=generator,
+        sampler=EpochSampler(len(bundle.train), seed * SEED_STRIDE),
+        generator=torch.Generator().manual_seed(seed * SEED_STRIDE),
         drop_last=len(bundle.train) >= batch_size,
         **common,
     )

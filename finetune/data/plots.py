@@ -7,10 +7,13 @@ import math
 import random
 from typing import Optional, Sequence
 
+import timm
 import torch
 from matplotlib.figure import Figure
 
-from .preprocessing import denormalize
+from ..errors import DataError
+from .preprocessing import denormalize, resolve_preprocessing
+from .sources import build_data
 
 
 def plot_grid(
@@ -59,12 +62,6 @@ def show_data(
 ) -> str:
     """`vitsweep data show`: n images of SPEC's `split` as the model `model_name` would see them
     (its pretrained preprocessing; training augmentation for split='train'), plotted to `out`."""
-    import timm
-
-    from .preprocessing import resolve_preprocessing
-    from .sources import build_data
-    from .spec import DataError
-
     if split not in ("train", "val"):
         raise DataError(f"split={split!r}; allowed: train, val")
     kwargs = {"img_size": img_size} if img_size is not None else {}

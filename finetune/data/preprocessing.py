@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from timm.data import create_transform, resolve_data_config
 
+from ..errors import DataError
+
 AUGMENTS = ("timm", "none")
 
 
@@ -43,8 +45,6 @@ class Preprocessing:
     color_jitter: Optional[float] = 0.4
 
     def __post_init__(self) -> None:
-        from .spec import DataError
-
         if self.augment not in AUGMENTS:
             raise DataError(f"augment={self.augment!r} is not allowed; allowed: {', '.join(AUGMENTS)}")
         self.input_size = tuple(int(v) for v in self.input_size)
@@ -83,8 +83,6 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Preprocessing":
         """Inverse of `to_dict`; the derived `*_steps` entries are ignored, unknown keys are an error."""
-        from .spec import DataError
-
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names - {"train_steps", "eval_steps"}
         if unknown:

@@ -6,6 +6,8 @@
 - imagenet100:  the 100 CMC classes, from the hub copy, a save_to_disk copy, or an ImageNet-1k folder.
 - cache:        a decode-once uint8 cache (`finetune.data.cache`); its datasets yield uint8 [3, S, S]
                 and the bundle's batch transforms do the rest on the device.
+
+`check_data_spec` validates a spec without loading data; `build_data` turns one into a `DataBundle`.
 """
 
 from __future__ import annotations
@@ -18,19 +20,25 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import ImageNetInfo
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from ..errors import DataError
+from .cache import check_cache_dir, open_cache
+from .gpu_transforms import BatchEvalTransform, BatchTrainTransform
 from .preprocessing import Preprocessing
 from .spec import (
-    DataError,
-    check_data_spec,
+    DataSpec,
+    check_hf_target,
     check_imagefolder_dir,
+    check_imagenet100_dir,
     check_saved_dataset_dir,
     is_local_path,
+    parse_data_spec,
     train_and_val_splits,
 )
-from .synthetic import SyntheticShapes
+from .synthetic import SyntheticShapes, max_classes
 
 IMAGENET100_HUB_ID = "clane9/imagenet-100"
 _PIL_ERRORS = (OSError, SyntaxError, ValueError)  # what PIL raises for unreadable/corrupt files
@@ -51,6 +59,26 @@ class DataBundle:
     eval_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
+def check_data_spec(spec: str) -> DataSpec:
+    """Parse SPEC and check what can be checked without loading data: local paths exist and have the
+    expected layout, hub ids are well formed. Hub datasets are not contacted."""
+    ds = parse_data_spec(spec)
+    if ds.kind == "synthetic" and ds.options["classes"] > max_classes():
+        raise DataError(
+            f"synthetic classes={ds.options['classes']} is too many; at most {max_classes()} "
+            "(one per shape/colour combination)"
+        )
+    if ds.kind == "imagefolder":
+        check_imagefolder_dir(ds.target)
+    elif ds.kind == "hf":
+        check_hf_target(ds.target)
+    elif ds.kind == "cache":
+        check_cache_dir(ds.target)
+    elif ds.kind == "imagenet100" and ds.target is not None:
+        check_imagenet100_dir(ds.target)
+    return ds
+
+
 def build_data(spec: str, preprocessing: Preprocessing, *, skip_bad_images: bool = False, seed: int = 0) -> DataBundle:
     """Datasets for SPEC with `preprocessing`'s train/eval transforms applied.
 
@@ -67,9 +95,7 @@ def build_data(spec: str, preprocessing: Preprocessing, *, skip_bad_images: bool
     """
     ds = check_data_spec(spec)
     if ds.kind == "cache":
-        from .cache import build_cache_data
-
-        return build_cache_data(ds.target, spec, preprocessing)
+        return _cache_bundle(ds.target, spec, preprocessing)
     train, val, names, skipped = build_sources(
         spec, preprocessing.train_transform(), preprocessing.eval_transform(), skip_bad_images=skip_bad_images, seed=seed
     )
@@ -79,7 +105,7 @@ def build_data(spec: str, preprocessing: Preprocessing, *, skip_bad_images: bool
 def build_sources(spec: str, train_tf: Optional[Callable], eval_tf: Optional[Callable], *, skip_bad_images: bool = False, seed: int = 0):
     """(train, val, class_names, skipped) of an image source (not `cache:`) with per-image transforms
     `train_tf` / `eval_tf` applied to PIL images (None: yield the PIL images). `build_data` uses it with
-    timm's transforms, `finetune.data.cache.build_cache` with a plain resize."""
+    timm's transforms, `finetune.data.cache_build.build_cache` with a plain resize."""
     ds = check_data_spec(spec)
     if ds.kind == "cache":
         raise DataError(f"data spec {spec!r} is already a decoded cache; give the source it was built from")
@@ -97,6 +123,20 @@ def build_sources(spec: str, train_tf: Optional[Callable], eval_tf: Optional[Cal
     else:
         train, val, names, skipped = _imagenet100(ds.target, skip_bad_images, train_tf, eval_tf)
     return train, val, list(names), skipped
+
+
+def _cache_bundle(root: str, spec: str, preprocessing: Preprocessing, verify: Optional[bool] = None) -> DataBundle:
+    """The bundle of cache `root`: uint8 datasets plus the batch transforms that crop, flip and
+    normalise on the device. With augment='none' training uses the eval transform. `verify`: checksum
+    every file (None: only when the cache is small)."""
+    train, val, manifest = open_cache(root, verify)
+    names = list(manifest["class_names"])
+    eval_tf = BatchEvalTransform(preprocessing)
+    train_tf = eval_tf if preprocessing.augment == "none" else BatchTrainTransform(preprocessing)
+    return DataBundle(
+        train, val, names, len(names), spec, preprocessing, int(manifest.get("skipped_images", 0)),
+        train_batch_transform=train_tf, eval_batch_transform=eval_tf,
+    )
 
 
 # ---------------------------------------------------------------------------------------- folders
@@ -207,7 +247,7 @@ class HFImageDataset(Dataset):
 
 def load_dataset_dict(target: str):
     """`load_from_disk` for a local directory, else `load_dataset` from the hub (network)."""
-    import datasets
+    import datasets  # imported here: heavy (pyarrow, pandas) and only the hf/imagenet100 sources need it
 
     if is_local_path(target):
         check_saved_dataset_dir(target)
@@ -222,7 +262,7 @@ def load_dataset_dict(target: str):
 
 
 def _pick_column(features, kind, preferred: Tuple[str, ...], where: str) -> str:
-    import datasets
+    import datasets  # heavy; see load_dataset_dict
 
     cls = datasets.Image if kind == "image" else datasets.ClassLabel
     found = [k for k, f in features.items() if isinstance(f, cls)]
@@ -280,8 +320,6 @@ def imagenet100_wnids() -> List[str]:
 
 
 def wnid_descriptions(wnids: Sequence[str]) -> List[str]:
-    from timm.data import ImageNetInfo
-
     info = ImageNetInfo()
     return [info.label_name_to_description(w) for w in wnids]
 

@@ -1,4 +1,5 @@
-"""`--data SPEC` strings: parsing and cheap validation before any model, trial or worker exists.
+"""`--data SPEC` strings: parsing, and the directory layout checks that need nothing but `os`.
+`finetune.data.sources.check_data_spec` combines them with the per-source checks.
 
 Grammar (one of):
 
@@ -23,6 +24,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
+
 from ..errors import DataError
 
 KINDS = ("imagenet100", "hf", "imagefolder", "synthetic", "cache")
@@ -37,7 +39,6 @@ SYNTHETIC_OPTIONS: Dict[str, tuple] = {
 }
 VAL_SPLITS = ("validation", "val", "test")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
 
 
 @dataclass
@@ -68,45 +69,27 @@ def parse_data_spec(spec: str) -> DataSpec:
     return DataSpec(kind, rest or None, {})
 
 
-def check_data_spec(spec: str) -> DataSpec:
-    """Parse SPEC and check what can be checked without loading data: local paths exist and have the
-    expected layout, hub ids are well formed. Hub datasets are not contacted."""
-    ds = parse_data_spec(spec)
-    if ds.kind == "synthetic":
-        from .synthetic import max_classes
-
-        if ds.options["classes"] > max_classes():
-            raise DataError(
-                f"synthetic classes={ds.options['classes']} is too many; at most {max_classes()} "
-                "(one per shape/colour combination)"
-            )
-    elif ds.kind == "imagefolder":
-        check_imagefolder_dir(ds.target)
-    elif ds.kind == "hf":
-        if is_local_path(ds.target):
-            check_saved_dataset_dir(ds.target)
-        elif not _HUB_ID.match(ds.target):
-            raise DataError(
-                f"hf target {ds.target!r} is neither an existing directory nor a hub id like 'user/name'"
-            )
-    elif ds.kind == "cache":
-        from .cache import check_cache_dir
-
-        check_cache_dir(ds.target)
-    elif ds.kind == "imagenet100" and ds.target is not None:
-        target = ds.target
-        if not os.path.isdir(target):
-            raise DataError(f"imagenet100 directory {target!r} does not exist")
-        if not os.path.isfile(os.path.join(target, "dataset_dict.json")):
-            check_imagefolder_dir(target)
-        else:
-            check_saved_dataset_dir(target)
-    return ds
-
-
 def is_local_path(target: str) -> bool:
     """A hub id never starts with '/', '.' or '~'; anything existing on disk is local too."""
     return os.path.exists(target) or target.startswith(("/", ".", "~"))
+
+
+def check_hf_target(target: str) -> None:
+    """A local save_to_disk directory, or a well-formed hub id (the hub is not contacted)."""
+    if is_local_path(target):
+        check_saved_dataset_dir(target)
+    elif not _HUB_ID.match(target):
+        raise DataError(f"hf target {target!r} is neither an existing directory nor a hub id like 'user/name'")
+
+
+def check_imagenet100_dir(target: str) -> None:
+    """A save_to_disk copy (it has dataset_dict.json) or an ImageNet-1k style folder."""
+    if not os.path.isdir(target):
+        raise DataError(f"imagenet100 directory {target!r} does not exist")
+    if os.path.isfile(os.path.join(target, "dataset_dict.json")):
+        check_saved_dataset_dir(target)
+    else:
+        check_imagefolder_dir(target)
 
 
 def check_imagefolder_dir(root: str) -> None:

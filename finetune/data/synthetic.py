@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ..errors import DataError
+
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring")
 # Hues far apart so that timm's colour jitter (no hue shift) keeps them distinguishable.
 COLOURS = {
@@ -57,8 +59,6 @@ class SyntheticShapes(Dataset):
         split: str = "train",
         transform: Optional[Callable] = None,
     ) -> None:
-        from .spec import DataError
-
         if not 2 <= classes <= max_classes():
             raise DataError(
                 f"synthetic classes={classes} is not allowed; use 2..{max_classes()} "
