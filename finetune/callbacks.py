@@ -1,5 +1,10 @@
-"""Hooks that `finetune.loop.fit` calls; Ray reporting, checkpoint writing and fault injection plug in
-here instead of as flags inside the loop."""
+"""Hooks that `finetune.loop.fit` calls; Ray reporting, checkpoint writing, TensorBoard and fault
+injection plug in here instead of as flags inside the loop (which never imports Ray).
+
+Order: `on_fit_start` after a checkpoint is restored; per batch `on_train_batch_end` after the
+optimiser step and schedule update; per epoch `on_epoch_end` after evaluation, with the epoch's
+metrics (`state.epoch` already counts the epoch); `on_fit_end` with the result.
+"""
 
 from __future__ import annotations
 

@@ -19,17 +19,18 @@ from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 from .callbacks import TrainState
-from .io_utils import atomic_path, read_tagged_json, sha256_file, write_json
 from .errors import CheckpointError
+from .io_utils import atomic_path, read_tagged_json, sha256_file, write_json
 
 FORMAT = "vitsweep-checkpoint"
 MODEL_FILE = "model.safetensors"  # names before tagged files (still read)
 STATE_FILE = "training_state.pt"
 META_FILE = "meta.json"
-
 
 
 def rng_state() -> Dict[str, Any]:
@@ -64,15 +65,13 @@ def save_checkpoint(state: TrainState, directory: str | Path) -> Path:
     Overwriting an existing checkpoint is crash-safe: the new files get a fresh tag, ``meta.json``
     switches to them atomically, and only then are the previous save's files removed.
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tag = f"{state.global_step:08d}-{uuid.uuid4().hex[:8]}"
     model_name, state_name = f"model.{tag}.safetensors", f"training_state.{tag}.pt"
     weights = {k: v.detach().to("cpu").contiguous() for k, v in state.model.state_dict().items()}
     with atomic_path(directory / model_name) as tmp:
-        save_file(weights, tmp)
+        safetensors.torch.save_file(weights, tmp)
     training = {
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
@@ -104,9 +103,6 @@ def save_checkpoint(state: TrainState, directory: str | Path) -> Path:
 
 def read_checkpoint(directory: str | Path) -> Dict[str, Any]:
     """Load and verify a checkpoint; returns {"model": state_dict, "training": {...}, "meta": {...}}."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
@@ -121,7 +117,7 @@ def read_checkpoint(directory: str | Path) -> Dict[str, Any]:
         if sha256_file(path) != digest:
             raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or truncated (checksum mismatch)")
     try:
-        model_state = load_file(str(model_path), device="cpu")
+        model_state = safetensors.torch.load_file(str(model_path), device="cpu")
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"checkpoint weights {str(model_path)!r} are unreadable: {err}") from err
     try:

@@ -14,13 +14,13 @@ of batch `batch` (0-based) of epoch `epoch` (0-based: the epoch in progress, ``s
 A fault given a `marker_path` fires once across processes and retries: the marker file is written
 (and fsynced) before the fault, and a marker that exists means "already fired". Without a marker it
 fires every time the step is reached. `only_if` ({config key: value}) limits a fault to the runs
-whose resolved config has those values, so one sweep can fault a single trial. No Ray import here: the callbacks are plain picklable objects.
+whose resolved config has those values, so one sweep can fault a single trial. No Ray import here:
+the callbacks are plain picklable objects.
 """
 
 from __future__ import annotations
 
 import abc
-
 import os
 import signal as _signal
 from pathlib import Path
@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .callbacks import Callback, TrainState
+from .errors import ConfigError
 
 
 class InjectedFault(RuntimeError):
@@ -41,7 +42,7 @@ class _StepFault(Callback, abc.ABC):
     def __init__(self, epoch: int, batch: int, marker_path: Optional[str | os.PathLike] = None,
                  only_if: Optional[Mapping[str, Any]] = None) -> None:
         if epoch < 0 or batch < 0:
-            raise ValueError(f"epoch={epoch}, batch={batch}: both must be >= 0 (0-based)")
+            raise ConfigError(f"epoch={epoch}, batch={batch}: both must be >= 0 (0-based)")
         self.epoch = epoch
         self.batch = batch
         self.marker_path = str(marker_path) if marker_path is not None else None
