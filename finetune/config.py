@@ -1,19 +1,26 @@
 """`TrainConfig`: every knob of one fine-tuning run, shared by `vitsweep train`, sweep configs and the
 Ray trainable. Values are validated here, before any model, dataset or Ray worker exists, and every
 error names the key, the bad value and what is allowed.
+
+The attention variant's own hyperparameters live in one field, ``attn``, and are declared by the
+variant class (`finetune.models.attention`, asked through its registry): a flat key such as ``rank``
+is still accepted and moves into ``attn`` when the chosen variant declares it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
-from .errors import ConfigError
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
+
+from .errors import AttentionConfigError, ConfigError
+from .models.attention import AttentionBase, builtin_variants, declared_hparams, get_attention_class
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENTS = ("timm", "none")
-VARIANTS = ("softmax", "linformer", "performer", "nystrom", "atrous_linear")
+# The built-in variant names (plug-ins are given by import path, 'package.module:ClassName').
+VARIANTS = builtin_variants()
 DEFAULT_MODEL = "vit_small_patch16_224"
 # In21k-only weights: the ImageNet-1k fine-tuned tags have already seen ImageNet-100's images.
 DEFAULT_PRETRAINED_TAG = "augreg_in21k"
@@ -22,7 +29,8 @@ DEFAULT_PRETRAINED_TAG = "augreg_in21k"
 
 @dataclass
 class TrainConfig:
-    """One fine-tuning run. Attention hyperparameters left at None take the variant's defaults."""
+    """One fine-tuning run. `attn` holds the variant's hyperparameters that are set; the rest take the
+    variant's defaults."""
 
     # model
     model: str = DEFAULT_MODEL
@@ -33,19 +41,9 @@ class TrainConfig:
     patch_size: Optional[int] = None
     depth: Optional[int] = None  # fewer blocks than the architecture (tiny smoke/test models)
     drop_path: float = 0.0
-    # attention
+    # attention: a built-in name or a plug-in's import path, and that variant's own hyperparameters
     variant: str = "softmax"
-    rank: Optional[int] = None
-    share_kv: Optional[bool] = None
-    features: Optional[int] = None
-    redraw_interval: Optional[int] = None
-    kernel: Optional[str] = None
-    landmarks: Optional[int] = None
-    pinv_iterations: Optional[int] = None
-    conv_kernel: Optional[int] = None
-    dilation: Optional[Tuple[int, ...]] = None
-    window: Optional[int] = None
-    fusion: Optional[str] = None
+    attn: Dict[str, Any] = field(default_factory=dict)
     # data
     data: str = "synthetic"
     augment: str = "timm"
@@ -83,33 +81,65 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        """Build from a flat mapping (CLI, YAML, Ray config); unknown keys are an error."""
+        """Build from a mapping (CLI, YAML, Ray config); unknown keys are an error.
+
+        Attention hyperparameters come as ``attn: {...}`` or as flat keys: a flat key the chosen
+        variant declares moves into ``attn`` (over an ``attn`` entry of the same name; None means
+        unset); a flat key only another registered variant declares is ignored, so a sweep can share
+        e.g. ``features`` across variants.
+        """
         names = cls.field_names()
-        unknown = [k for k in values if k not in names]
+        variant = values.get("variant", "softmax")
+        attn_cls = _variant_class(variant)
+        attn = values.get("attn") or {}
+        if not isinstance(attn, Mapping):
+            raise AttentionConfigError(f"attn={attn!r} must be a mapping of the variant's hyperparameters")
+        attn = dict(attn)
+        others = declared_hparams()
+        unknown = []
+        for key, value in values.items():
+            if key in names:
+                continue
+            if key in attn_cls.hparams:
+                if value is None:
+                    attn.pop(key, None)
+                else:
+                    attn[key] = value
+            elif key not in others:
+                unknown.append(key)
         if unknown:
+            allowed = names + [k for k in others if k not in names]
             hints = []
             for k in unknown:
-                close = difflib.get_close_matches(k, names, n=1)
+                close = difflib.get_close_matches(k, allowed, n=1)
                 hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"unknown config key(s): {', '.join(hints)}; allowed keys: {', '.join(names)}")
-        cfg = cls(**{k: _normalise(k, v) for k, v in values.items()})
+            raise ConfigError(f"unknown config key(s): {', '.join(hints)}; allowed keys: {', '.join(allowed)}")
+        fields = {k: _normalise(k, v) for k, v in values.items() if k in names}
+        fields["attn"] = {k: v for k, v in attn.items() if v is not None}
+        cfg = cls(**fields)
         cfg.validate()
         return cfg
 
     def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+        return {k: _plain(v) for k, v in dataclasses.asdict(self).items()}
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Checks that need no model or data. Geometry checks live in `finetune.models.check_config`."""
-        _choice("variant", self.variant, VARIANTS)
+        """Checks that need no model or data (geometry checks: `finetune.train.check_config`).
+        Normalises `attn` to the variant's canonical values (ints, floats, tuples)."""
+        attn_cls = _variant_class(self.variant)
+        if not isinstance(self.attn, Mapping):
+            raise AttentionConfigError(f"attn={self.attn!r} must be a mapping of the variant's hyperparameters")
+        clash = sorted(set(attn_cls.hparams) & set(self.field_names()))
+        if clash:
+            raise AttentionConfigError(
+                f"attention variant {self.variant!r} declares hyperparameter(s) {clash} that are TrainConfig keys; "
+                "rename them in the variant"
+            )
+        self.attn = attn_cls.check_hparams(self.attn)
         _choice("precision", self.precision, PRECISIONS)
         _choice("augment", self.augment, AUGMENTS)
         for key in ("epochs", "batch_size", "log_interval"):
@@ -155,18 +185,32 @@ class TrainConfig:
             raise ConfigError("pass either pretrained=true (hub weights) or weights=PATH, not both")
 
     def attention_hparams(self) -> Dict[str, Any]:
-        """The hyperparameters the chosen variant consumes (others are ignored)."""
-        from .models.attention import variant_hparams
+        """The variant's hyperparameters that are set, validated (the rest are the class's defaults)."""
+        return _variant_class(self.variant).check_hparams(self.attn)
 
-        return variant_hparams(self.variant, self.to_dict())
+
+def _variant_class(variant: Any) -> Type[AttentionBase]:
+    try:
+        return get_attention_class(variant)
+    except AttentionConfigError as err:
+        raise AttentionConfigError(f"variant={variant!r}: {err}") from None
 
 
 def _normalise(key: str, value: Any) -> Any:
-    """Coerce YAML/JSON/CLI shapes: lists to tuples, a single dilation/topk to a 1-tuple."""
-    if key in ("dilation", "topk") and isinstance(value, int):
+    """Coerce YAML/JSON/CLI shapes: lists to tuples, a single topk to a 1-tuple."""
+    if key == "topk" and isinstance(value, int):
         return (value,)
-    if key in ("dilation", "topk", "scale") and isinstance(value, (list, tuple)):
+    if key in ("topk", "scale") and isinstance(value, (list, tuple)):
         return tuple(value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """JSON/YAML shapes: tuples as lists, also inside `attn`."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 

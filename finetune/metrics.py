@@ -2,19 +2,21 @@
 
 Cost counters: `torch.utils.flop_counter.FlopCounterMode` (FLOPs; a multiply-add counts 2) and fvcore
 (MACs). Neither counts the CPU SDPA kernel, so counting switches timm's `fused_attn` off and runs the
-readable path, which has the same math.
+readable path, which has the same math (`finetune.models.readable_attention`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
+
 from .errors import MetricError
+from .models import readable_attention
+from .models.attention import AttentionBase
 
 _logger = logging.getLogger(__name__)
 
@@ -51,18 +53,6 @@ def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
     return {"total": total, "trainable": trainable}
 
 
-@contextlib.contextmanager
-def _readable_attention(model: torch.nn.Module):
-    flags = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
-    for m, _ in flags:
-        m.fused_attn = False
-    try:
-        yield
-    finally:
-        for m, old in flags:
-            m.fused_attn = old
-
-
 def _example_input(model: torch.nn.Module, img_size: Sequence[int]) -> torch.Tensor:
     param = next(model.parameters())
     return torch.zeros(1, 3, *img_size, device=param.device, dtype=param.dtype)
@@ -70,19 +60,16 @@ def _example_input(model: torch.nn.Module, img_size: Sequence[int]) -> torch.Ten
 
 def uncounted_attention_flops(model: torch.nn.Module) -> int:
     """FLOPs the counters cannot see: attention variants that do multiply-adds elementwise
-    (atrous_linear's shifted window products), from the analytic model in `attention.cost`."""
-    from .models.attention import AttentionBase
-    from .models.attention.cost import uncounted_flops
-
+    (atrous_linear's shifted window products), from each variant's analytic `uncounted_flops`
+    (0 for a variant that declares none)."""
     total = 0
     for module in model.modules():
         if isinstance(module, AttentionBase) and module.num_tokens is not None:
-            hp = {k: getattr(module, k) for k in module.hparams if hasattr(module, k)}
-            total += uncounted_flops(
-                getattr(module, "variant_name", ""), module.num_tokens, module.head_dim, module.num_heads,
-                num_prefix_tokens=module.num_prefix_tokens, **hp,
+            total += type(module).uncounted_flops(
+                module.num_tokens, module.head_dim, module.num_heads,
+                num_prefix_tokens=module.num_prefix_tokens, **module.hparam_values(),
             )
-    return total
+    return int(total)
 
 
 def count_flops(model: torch.nn.Module, img_size: Sequence[int]) -> int:
@@ -93,7 +80,7 @@ def count_flops(model: torch.nn.Module, img_size: Sequence[int]) -> int:
     was_training = model.training
     model.eval()
     try:
-        with _readable_attention(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with readable_attention(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(_example_input(model, img_size))
     finally:
         model.train(was_training)
@@ -112,7 +99,7 @@ def count_macs_fvcore(model: torch.nn.Module, img_size: Sequence[int]) -> Option
     was_training = model.training
     model.eval()
     try:
-        with _readable_attention(model), torch.no_grad(), warnings.catch_warnings():
+        with readable_attention(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fvcore's jit tracer warns about deprecated torch.jit APIs
             analysis = FlopCountAnalysis(model, _example_input(model, img_size))
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
@@ -193,22 +180,6 @@ class MemoryTracker:
         }
 
 
-def track_memory(device: torch.device):
-    """Decorator form of `MemoryTracker`: the wrapped function's result is ``(result, memory_metrics)``."""
-
-    def wrap(fn):
-        def inner(*args, **kwargs):
-            with MemoryTracker(device) as mem:
-                out = fn(*args, **kwargs)
-            return out, mem.metrics()
-
-        inner.__name__ = fn.__name__
-        inner.__doc__ = fn.__doc__
-        return inner
-
-    return wrap
-
-
 # ----------------------------------------------------------------------------- throughput
 class Throughput:
     """Images per second over a block; synchronises CUDA at both ends so the time is real."""
@@ -262,12 +233,3 @@ def model_flops_utilization(forward_gflops: float, train_img_s: float, peak_tflo
     if peak_tflops is None or not forward_gflops:
         return None
     return 3.0 * forward_gflops * 1e9 * train_img_s / (peak_tflops * 1e12)
-
-
-def summarize(values: Iterable[float]) -> Dict[str, float]:
-    vals: List[float] = [v for v in values if v is not None]
-    if not vals:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    mean = sum(vals) / len(vals)
-    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
-    return {"mean": mean, "std": var**0.5, "n": len(vals)}

@@ -23,7 +23,7 @@ from .io_utils import write_json
 from .loop import fit, resolve_device, resolve_precision, seed_everything
 from .metrics import MetricError, check_topk, cost_metrics
 from .models import build_vit, vit_geometry
-from .models.attention import check_attention
+from .models.attention import check_attention, get_attention_class
 
 _logger = logging.getLogger(__name__)
 
@@ -90,10 +90,16 @@ class LocalCheckpointCallback(Callback):
         save_checkpoint(state, self.directory)
 
 
+# TrainConfig keys shown in TensorBoard's HPARAMS tab, besides the variant's own hyperparameters.
+TB_HPARAM_KEYS = ("model", "variant", "lr", "weight_decay", "batch_size", "epochs", "img_size", "patch_size",
+                  "precision", "seed", "data")
+
+
 def _flat_hparams(config: Dict[str, Any]) -> Dict[str, Any]:
-    keep = ("model", "variant", "rank", "features", "landmarks", "dilation", "window", "fusion", "lr", "weight_decay",
-            "batch_size", "epochs", "img_size", "patch_size", "precision", "seed", "data")
-    return {k: config.get(k) for k in keep if config.get(k) is not None}
+    """`TB_HPARAM_KEYS` and every hyperparameter the variant declares (defaults filled in), flat."""
+    flat = {k: config.get(k) for k in TB_HPARAM_KEYS}
+    flat.update(get_attention_class(config["variant"]).resolve_hparams(config.get("attn") or {}))
+    return {k: v for k, v in flat.items() if v is not None}
 
 
 def run_training(

@@ -1,6 +1,8 @@
 """`save_weight_dict` / `load_weight_dict`: weights as safetensors plus a JSON sidecar that says how to
 rebuild the model (timm name, variant, hyperparameters, geometry, preprocessing, metrics), so a trained
-model is never trained twice and never unpickled.
+model is never trained twice and never unpickled. The sidecar also records the variant class's import
+path (``variant_path``), so a plug-in variant, or one registered by a module that is not imported,
+is rebuilt from it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 
 from .io_utils import atomic_path, read_tagged_json, sha256_file, write_json
 from .models import WeightsError, build_vit
+from .models.attention import ATTENTION_VARIANTS, variant_path
 
 FORMAT = "vitsweep-weights"
 FORMAT_VERSION = 1
@@ -55,6 +58,7 @@ def save_weight_dict(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "arch": {k: config[k] for k in ARCH_KEYS},
+        "variant_path": variant_path(config["variant"]),
         "config": dict(config),
         "preprocessing": dict(preprocessing or {}),
         "metrics": dict(metrics or {}),
@@ -108,10 +112,14 @@ def load_weight_dict(
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"weights file {str(weights_path)!r} is not a readable safetensors file: {err}") from err
+    # A name registered in this process, else the recorded import path (plug-ins: the same string).
+    variant = arch["variant"]
+    if variant not in ATTENTION_VARIANTS and sidecar.get("variant_path"):
+        variant = sidecar["variant_path"]
     model = build_vit(
         arch["model"],
         arch["num_classes"],
-        variant=arch["variant"],
+        variant=variant,
         attn_hparams=arch.get("attn_hparams") or {},
         img_size=arch.get("img_size"),
         patch_size=arch.get("patch_size"),

@@ -2,17 +2,60 @@
 
 This module builds no model: it turns flags (and an optional YAML file) into a validated config and
 hands it to `finetune.train.run_training`. The same option table serves sweep configs' fixed values.
+The attention flags are derived from the registered variants' declared hyperparameters; a plug-in
+variant's are set with the generic ``--attn KEY=VALUE``.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
+
+import yaml
 
 from finetune.config import DEFAULT_MODEL, DEFAULT_PRETRAINED_TAG, PRECISIONS, VARIANTS, TrainConfig
+from finetune.errors import ConfigError
+from finetune.models.attention import declared_hparams
 
 S = argparse.SUPPRESS
+
+
+def add_attention_options(group) -> None:
+    """One flag per hyperparameter name of the registered variants (shared names: one flag)."""
+    group.add_argument(
+        "--variant", default=S, metavar="NAME|MODULE:CLASS",
+        help=f"attention mechanism: {', '.join(VARIANTS)} (default softmax), or a plug-in's import path "
+        "'package.module:ClassName' (an AttentionBase subclass)",
+    )
+    group.add_argument(
+        "--attn", action="append", default=None, metavar="KEY=VALUE", dest="attn_items",
+        help="a hyperparameter of the variant, VALUE in YAML (e.g. --attn dilation=[1,2]); repeatable; "
+        "the way to set a plug-in's hyperparameters",
+    )
+    for name, owners in declared_hparams().items():
+        hp = owners[0][1]
+        helps = "; ".join(f"{variant}: {h.help}" for variant, h in owners)
+        if len({_default_text(h.default) for _, h in owners}) == 1:
+            defaults = _default_text(hp.default)
+        else:
+            defaults = ", ".join(f"{variant} {_default_text(h.default)}" for variant, h in owners)
+        kwargs: Dict[str, Any] = {"default": S, "dest": name, "help": f"{helps} (default {defaults})"}
+        if hp.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = hp.type
+            if all(h.choices is not None for _, h in owners):
+                kwargs["choices"] = tuple(dict.fromkeys(c for _, h in owners for c in h.choices))
+            if hp.sequence:
+                kwargs["nargs"] = "+"
+        group.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return "off" if value is None else str(value)
 
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
@@ -29,19 +72,7 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--depth", type=int, default=S, help="keep only the first N blocks (tiny smoke/test models)")
     m.add_argument("--drop-path", type=float, default=S, help="stochastic depth rate (default 0)")
 
-    a = p.add_argument_group("attention")
-    a.add_argument("--variant", choices=VARIANTS, default=S, help="attention mechanism (default softmax)")
-    a.add_argument("--rank", type=int, default=S, help="linformer: projected sequence length k (< token count)")
-    a.add_argument("--share-kv", action=argparse.BooleanOptionalAction, default=S, help="linformer: one projection for keys and values")
-    a.add_argument("--features", type=int, default=S, help="performer / atrous_linear: random features m")
-    a.add_argument("--redraw-interval", type=int, default=S, help="performer: redraw features every N training steps (0: never)")
-    a.add_argument("--kernel", choices=("softmax", "relu"), default=S, help="performer: feature map")
-    a.add_argument("--landmarks", type=int, default=S, help="nystrom: landmark count m (>= tokens: exact attention)")
-    a.add_argument("--pinv-iterations", type=int, default=S, help="nystrom: Razavi pseudo-inverse iterations (default 6)")
-    a.add_argument("--conv-kernel", type=int, default=S, help="nystrom: depthwise conv residual on values (odd kernel)")
-    a.add_argument("--dilation", type=int, nargs="+", default=S, help="atrous_linear: dilation rates, one head group each (e.g. 1 2 3)")
-    a.add_argument("--window", type=int, default=S, help="atrous_linear: odd local window (window x window patches)")
-    a.add_argument("--fusion", choices=("sum", "gate"), default=S, help="atrous_linear: combine local and global branches")
+    add_attention_options(p.add_argument_group("attention"))
 
     d = p.add_argument_group("data")
     d.add_argument("--data", default=S, metavar="SPEC",
@@ -82,20 +113,39 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, yaml_path: str | None = None) -> TrainConfig:
-    """YAML file values, then flags the user typed, over TrainConfig's defaults."""
+    """YAML file values, then flags the user typed, then ``--attn`` items, over TrainConfig's defaults."""
     values: Dict[str, Any] = {}
     if yaml_path:
         values.update(load_yaml_mapping(yaml_path))
-    names = set(TrainConfig.field_names())
+    names = set(TrainConfig.field_names()) | set(declared_hparams())
     values.update({k: v for k, v in vars(args).items() if k in names})
+    items = parse_attn_items(getattr(args, "attn_items", None))
+    if items:
+        attn = values.get("attn") or {}
+        if not isinstance(attn, dict):
+            raise ConfigError(f"attn={attn!r} must be a mapping of the variant's hyperparameters")
+        for key in items:
+            values.pop(key, None)  # --attn wins over a flat key of the same name
+        values["attn"] = {**attn, **items}
     return TrainConfig.from_dict(values)
 
 
+def parse_attn_items(items: Optional[List[str]]) -> Dict[str, Any]:
+    """``["dilation=[1,2]", "window=3"]`` -> ``{"dilation": [1, 2], "window": 3}`` (values parsed as YAML)."""
+    parsed: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--attn {item!r}: expected KEY=VALUE (VALUE in YAML, e.g. --attn dilation=[1,2])")
+        try:
+            parsed[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--attn {item!r}: VALUE is not valid YAML: {str(err).splitlines()[0]}") from None
+    return parsed
+
+
 def load_yaml_mapping(path: str) -> Dict[str, Any]:
-    import yaml
-
-    from finetune.config import ConfigError
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist")

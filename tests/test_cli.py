@@ -69,7 +69,7 @@ def test_train_writes_every_output(tmp_path, capsys):
 
 
 BAD = [
-    (["--variant", "softmx"], "invalid choice: 'softmx'"),
+    (["--variant", "softmx"], "unknown attention variant 'softmx' (did you mean 'softmax'?)"),
     (["--model", "vit_nope_patch16_224"], "model='vit_nope_patch16_224' is not a timm model"),
     (["--img-size", "30"], "img_size=30 is not divisible by patch_size=4"),
     (["--epochs", "0"], "epochs=0 must be a positive integer"),

@@ -5,7 +5,7 @@ from .vit import (
     build_vit,
     load_pretrained_weights,
     read_state_dict,
-    set_fused_attention,
+    readable_attention,
     variant_own_parameters,
     vit_geometry,
 )
@@ -15,7 +15,7 @@ __all__ = [
     "build_vit",
     "load_pretrained_weights",
     "read_state_dict",
-    "set_fused_attention",
+    "readable_attention",
     "variant_own_parameters",
     "vit_geometry",
 ]

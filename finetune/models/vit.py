@@ -8,19 +8,19 @@ through timm's `checkpoint_filter_fn`, which resamples position and patch embedd
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ..errors import ConfigError
-from .attention import attention_layer, get_attention_class
-from ..errors import WeightsError
+from ..errors import ConfigError, WeightsError
+from .attention import AttentionBase, attention_layer
 
 _logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def build_vit(
     Args:
         model_name: timm architecture, e.g. ``vit_small_patch16_224``.
         num_classes: classes of the fine-tuning dataset (the head is replaced).
-        variant: registered attention variant name.
+        variant: registered attention variant name, or a plug-in's import path ``pkg.mod:Class``.
         attn_hparams: the variant's own hyperparameters (e.g. ``{"rank": 64}``).
         img_size, patch_size: override the architecture's defaults (weights are resampled).
         depth: keep only this many blocks (small test models; pretrained weights then do not fit).
@@ -91,7 +91,6 @@ def build_vit(
         drop_path: stochastic depth rate.
     """
     grid, num_prefix, _, _ = vit_geometry(model_name, img_size, patch_size, depth)
-    get_attention_class(variant)
     layer = attention_layer(variant, grid_size=grid, num_prefix_tokens=num_prefix, **(attn_hparams or {}))
     model = timm.create_model(
         model_name,
@@ -199,8 +198,6 @@ def load_pretrained_weights(model: VisionTransformer, path: str) -> Dict[str, An
 
 def variant_own_parameters(model: torch.nn.Module) -> set:
     """State-dict keys that exist only because of the attention variant (absent from a softmax ViT)."""
-    from .attention import AttentionBase
-
     stock = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"}
     own = set()
     for name, module in model.named_modules():
@@ -224,8 +221,15 @@ def _load_npz(model: VisionTransformer, path: str) -> Dict[str, Any]:
     return {"missing": sorted(variant_own_parameters(model)), "dropped": []}
 
 
-def set_fused_attention(model: torch.nn.Module, fused: bool) -> None:
-    """Switch every module with timm's `fused_attn` flag (SDPA vs readable path)."""
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = fused
+@contextlib.contextmanager
+def readable_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, every module with timm's `fused_attn` flag runs its readable path (the same
+    math as SDPA, visible to FLOP counters); the flags are restored after."""
+    flags = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    for m, _ in flags:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, old in flags:
+            m.fused_attn = old

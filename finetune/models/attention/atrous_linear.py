@@ -99,7 +99,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .base import AttentionBase, AttentionConfigError, int_hparam
+from .base import AttentionBase, AttentionConfigError, fp32_core_bytes
+from .hparams import HParam
 from .performer import SOFTMAX_KERNEL_EPS, orthogonal_random_features, softmax_feature_parts
 from .registry import register_attention
 from .softmax import softmax_attention
@@ -361,64 +362,87 @@ def atrous_linear_attention(
 class AtrousLinearAttention(AttentionBase):
     """timm-compatible hybrid atrous-local + FAVOR+ attention (see the module docstring).
 
-    Args (besides timm's `Attention` arguments, see `AttentionBase`):
+    Hyperparameters (besides timm's `Attention` arguments, see `AttentionBase`):
         dilation: dilation rate per head group (heads split as evenly as possible).
         window: odd window side; (window - 1) * max(dilation) + 1 <= min(Hp, Wp).
         features: random features m for the tail.
         fusion: 'sum' or 'gate' (learned per-token tail weight, initialised to 1).
     """
 
-    hparams = ("dilation", "window", "features", "fusion")
+    hparams = {
+        "dilation": HParam(
+            int, (1, 2, 3), "dilation rates, one head group each (e.g. 1 2 3)", minimum=1, sequence=True, short="dil",
+            sweep=((1, 2, 3),),
+        ),
+        "window": HParam(int, 3, "odd local window (window x window patches)", minimum=1, odd=True, short="w", sweep=(3,)),
+        "features": HParam(int, 64, "random features m for the far tail", minimum=1, short="m", sweep=(64,)),
+        "fusion": HParam(str, "sum", "combine local and global branches", choices=FUSIONS),
+    }
     needs_grid = True
 
-    def __init__(
-        self,
-        *args,
-        dilation: Sequence[int] = (1, 2, 3),
-        window: int = 3,
-        features: int = 64,
-        fusion: str = "sum",
-        **kwargs,
-    ) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if isinstance(dilation, (str, bytes)):
-            raise AttentionConfigError(f"atrous_linear dilation={dilation!r} must be a sequence of integers >= 1")
-        rates = (dilation,) if not isinstance(dilation, Sequence) else tuple(dilation)
-        if not rates:
-            raise AttentionConfigError("atrous_linear dilation=() must hold at least one rate >= 1")
-        rates = tuple(int_hparam("atrous_linear", "dilation", r, 1) for r in rates)
-        window = int_hparam("atrous_linear", "window", window, 1)
-        if window % 2 == 0:
-            raise AttentionConfigError(f"atrous_linear window={window} must be odd (a centred neighbourhood)")
-        features = int_hparam("atrous_linear", "features", features, 1)
-        if fusion not in FUSIONS:
-            raise AttentionConfigError(f"atrous_linear fusion={fusion!r} is not one of {FUSIONS}")
-        hp, wp = self.grid_size
-        for r in rates:
-            span = (window - 1) * r + 1
-            if span > min(hp, wp):
-                raise AttentionConfigError(
-                    f"atrous_linear window={window} at dilation rate {r} spans {span} patches, more than the "
-                    f"{hp}x{wp} grid allows (need (window - 1) * rate + 1 <= {min(hp, wp)})"
-                )
-        if self.num_heads < len(rates):
-            raise AttentionConfigError(
-                f"atrous_linear dilation={rates} needs at least {len(rates)} heads (one group per rate); "
-                f"num_heads={self.num_heads}"
-            )
-        self.dilation = rates
-        self.window = window
-        self.features = features
-        self.fusion = fusion
         dd = {"device": self.qkv.weight.device, "dtype": self.qkv.weight.dtype}
         self.register_buffer(
-            "projection", orthogonal_random_features(features, self.head_dim, device=dd["device"]), persistent=True
+            "projection", orthogonal_random_features(self.features, self.head_dim, device=dd["device"]), persistent=True
         )  # (m, D)
         self.gate_weight: Optional[nn.Parameter] = None
         self.gate_bias: Optional[nn.Parameter] = None
-        if fusion == "gate":
+        if self.fusion == "gate":
             self.gate_weight = nn.Parameter(torch.zeros(self.num_heads, self.head_dim, 1, **dd))  # (H, D, 1)
             self.gate_bias = nn.Parameter(torch.zeros(self.num_heads, 1, 1, **dd))  # (H, 1, 1)
+
+    def check_geometry(self) -> None:
+        hp, wp = self.grid_size
+        for r in self.dilation:
+            span = (self.window - 1) * r + 1
+            if span > min(hp, wp):
+                raise AttentionConfigError(
+                    f"atrous_linear window={self.window} at dilation rate {r} spans {span} patches, more than the "
+                    f"{hp}x{wp} grid allows (need (window - 1) * rate + 1 <= {min(hp, wp)})"
+                )
+        if self.num_heads < len(self.dilation):
+            raise AttentionConfigError(
+                f"atrous_linear dilation={self.dilation} needs at least {len(self.dilation)} heads (one group per rate); "
+                f"num_heads={self.num_heads}"
+            )
+
+    @classmethod
+    def flops(cls, N, D, H, *, num_prefix_tokens, features, window, fusion, **hparams):
+        m, w2, P = features, window**2, num_prefix_tokens
+        Np = N - P
+        per_head = (
+            2 * P * N * D * 2  # prefix queries: exact softmax over all N keys
+            + 2 * Np * m * D * 2  # feature projections of patch q and k
+            + 2 * Np * m * (D + 1) * 2  # phi(K)^T [V,1]; phi(q) @ context
+            + 2 * Np * w2 * D * 2  # window logits; window weights @ V
+            + 2 * Np * P * D * 2  # prefix-key logits; their weights @ V
+            + 2 * Np * w2 * m  # phi(q_i) . phi(k_j) on the window
+        )
+        if fusion == "gate":
+            per_head += 2 * Np * D  # gate logits q_i . a_h
+        return H * per_head
+
+    @classmethod
+    def uncounted_flops(cls, N, D, H, *, num_prefix_tokens, features, window, **hparams):
+        # The window products (w*w logits and feature terms per patch, the window-weighted sum of
+        # values) run as shifted elementwise products, invisible to FlopCounterMode.
+        m, w2, Np = features, window**2, N - num_prefix_tokens
+        return H * (2 * Np * w2 * D * 2 + 2 * Np * w2 * m)
+
+    @classmethod
+    def activation_bytes(cls, N, D, H, *, dtype_bytes, fused, num_prefix_tokens, features, window, **hparams):
+        m, w2, P = features, window**2, num_prefix_tokens
+        Np = N - P
+        elems = (
+            P * D + P * N  # prefix queries: scaled q, attention over all N keys
+            + 6 * Np * D  # q, k scaled for the features; scaled q, k, v, and the tail's values for the windows
+            + 8 * Np * m  # exps of the feature exponents, kernel parts e(q), e(k), phi(k) (+ transposed copy), phi(q)
+            + Np * (D + 1) + m * (D + 1)  # [V,1]; context
+            + 4 * Np * w2  # window logits, exact weights, phi terms, combined weights
+            + 4 * Np + 4 * Np * P  # denominators and tail weights; prefix logits and weights
+        )
+        return fp32_core_bytes(elems, N, D, H, dtype_bytes)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         far_weight = None

@@ -5,6 +5,12 @@
 pretrained softmax ViT's weights load by key. A variant only overrides `attend(q, k, v)`, which maps
 ``q, k, v: [B, H, N, D]`` to ``[B, H, N, D]`` by calling the variant's pure function.
 
+A variant is one class that declares everything about itself:
+- ``hparams``: its constructor hyperparameters as `HParam`s (type, default, range, help, label, sweep
+  values). `AttentionBase.__init__` validates them and sets each as an attribute (``self.rank``).
+- `check_geometry`: checks against the patch grid and heads, run before any parameter is allocated.
+- `flops`, `uncounted_flops`, `activation_bytes`: its analytic cost (optional; None = not declared).
+
 Geometry: the first ``num_prefix_tokens`` tokens are CLS/register tokens; the rest form the patch grid
 ``grid_size = (Hp, Wp)``. `build_vit` passes both at construction, so variants that need the grid can
 validate their hyperparameters against it (rank vs. token count, dilation vs. grid).
@@ -13,27 +19,26 @@ validate their hyperparameters against it (rank vs. token count, dilation vs. gr
 from __future__ import annotations
 
 import abc
-import operator
-from typing import Any, ClassVar, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
 
 import torch
 from torch import nn
+
 from ...errors import AttentionConfigError
+from .hparams import HParam
+
+# AttentionBase's own constructor keywords: no variant may declare a hyperparameter with these names.
+RESERVED = (
+    "dim", "num_heads", "attn_head_dim", "dim_out", "qkv_bias", "qk_norm", "scale_norm", "proj_bias", "attn_drop",
+    "proj_drop", "norm_layer", "grid_size", "num_prefix_tokens", "device", "dtype",
+)
 
 
-
-def int_hparam(variant: str, name: str, value: Any, minimum: int, odd: bool = False) -> int:
-    """`value` as an int >= minimum (numpy integers accepted, bools refused), else AttentionConfigError."""
-    allowed = f"an {'odd ' if odd else ''}integer >= {minimum}"
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        as_int = operator.index(value)
-    except TypeError:
-        raise AttentionConfigError(f"{variant} {name}={value!r} must be {allowed}") from None
-    if as_int < minimum or (odd and as_int % 2 == 0):
-        raise AttentionConfigError(f"{variant} {name}={value!r} must be {allowed}")
-    return as_int
+def fp32_core_bytes(elems: int, N: int, D: int, H: int, dtype_bytes: int) -> int:
+    """Activation bytes of a core computed in fp32 whatever the input dtype: `elems` fp32 values per
+    head, plus the fp32 copies of q, k, v it keeps when the inputs are narrower."""
+    upcast = 3 * N * D if dtype_bytes < 4 else 0
+    return int(H * (elems + upcast) * 4)
 
 
 class AttentionBase(nn.Module, metaclass=abc.ABCMeta):
@@ -53,12 +58,15 @@ class AttentionBase(nn.Module, metaclass=abc.ABCMeta):
         norm_layer: constructor for qk/scale norms.
         grid_size: (Hp, Wp) patch grid; required by variants with `needs_grid`.
         num_prefix_tokens: CLS + register tokens in front of the patch tokens.
+        **hparams: the variant's own hyperparameters (keys of `hparams`); unset ones take their default.
     """
 
-    # Names of the variant's own constructor hyperparameters (the config keys that reach it).
-    hparams: ClassVar[Tuple[str, ...]] = ()
+    # The variant's own constructor hyperparameters: {name: HParam}, in label order.
+    hparams: ClassVar[Mapping[str, HParam]] = {}
     # Variants that read the patch geometry refuse to build without `grid_size`.
     needs_grid: ClassVar[bool] = False
+    # The registered name (set by `register_attention`); unregistered plug-ins are named by import path.
+    variant_name: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -78,8 +86,10 @@ class AttentionBase(nn.Module, metaclass=abc.ABCMeta):
         num_prefix_tokens: int = 1,
         device=None,
         dtype=None,
+        **hparams: Any,
     ) -> None:
         super().__init__()
+        values = self.resolve_hparams(hparams)
         dd = {"device": device, "dtype": dtype}
         dim_out = dim_out or dim
         head_dim = attn_head_dim
@@ -103,6 +113,9 @@ class AttentionBase(nn.Module, metaclass=abc.ABCMeta):
         self.scale = head_dim**-0.5
         self.grid_size = tuple(grid_size) if grid_size is not None else None
         self.num_prefix_tokens = num_prefix_tokens
+        for name, value in values.items():
+            setattr(self, name, value)
+        self.check_geometry()
 
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
@@ -111,6 +124,60 @@ class AttentionBase(nn.Module, metaclass=abc.ABCMeta):
         self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    # ---------------------------------------------------------------- declaration
+    @classmethod
+    def variant_id(cls) -> str:
+        """The registered name, or ``module:Class`` for an unregistered plug-in."""
+        return cls.__dict__.get("variant_name") or f"{cls.__module__}:{cls.__qualname__}"
+
+    @classmethod
+    def check_hparams(cls, values: Mapping[str, Any]) -> Dict[str, Any]:
+        """The given hyperparameters, each coerced by its `HParam`; unknown keys are refused.
+
+        Only the given keys are returned (defaults stay with the class)."""
+        variant = cls.variant_id()
+        unknown = [k for k in values if k not in cls.hparams]
+        if unknown:
+            allowed = ", ".join(cls.hparams) or "none"
+            raise AttentionConfigError(
+                f"unknown hyperparameter(s) {unknown} for attention variant {variant!r}; allowed: {allowed}"
+            )
+        return {k: cls.hparams[k].coerce(variant, k, v) for k, v in values.items()}
+
+    @classmethod
+    def resolve_hparams(cls, values: Mapping[str, Any]) -> Dict[str, Any]:
+        """Every declared hyperparameter: the given ones checked, the rest at their defaults."""
+        given = cls.check_hparams(values)
+        return {k: given[k] if k in given else hp.default for k, hp in cls.hparams.items()}
+
+    def hparam_values(self) -> Dict[str, Any]:
+        """This module's hyperparameters as it was built with them."""
+        return {k: getattr(self, k) for k in self.hparams}
+
+    def check_geometry(self) -> None:
+        """Refuse hyperparameters that do not fit the geometry (``self.grid_size``, ``self.num_tokens``,
+        ``self.num_heads``, ``self.head_dim`` and the hyperparameter attributes are set). Runs before
+        any parameter is allocated; raise AttentionConfigError naming the value and what is allowed."""
+
+    # ---------------------------------------------------------------- analytic cost (optional)
+    @classmethod
+    def flops(cls, N: int, D: int, H: int, *, num_prefix_tokens: int, **hparams: Any) -> Optional[int]:
+        """Forward FLOPs (2 per multiply-add) of `attend` for one image, all heads; None: not declared.
+        `hparams` holds every declared hyperparameter (defaults filled in)."""
+        return None
+
+    @classmethod
+    def uncounted_flops(cls, N: int, D: int, H: int, *, num_prefix_tokens: int, **hparams: Any) -> int:
+        """The part of `flops` torch's FlopCounterMode cannot see (multiply-adds done elementwise)."""
+        return 0
+
+    @classmethod
+    def activation_bytes(
+        cls, N: int, D: int, H: int, *, dtype_bytes: int, fused: bool, num_prefix_tokens: int, **hparams: Any
+    ) -> Optional[int]:
+        """Bytes autograd saves inside `attend` for one image (q, k, v excluded); None: not declared."""
+        return None
 
     @property
     def num_tokens(self) -> Optional[int]:
@@ -146,5 +213,5 @@ class AttentionBase(nn.Module, metaclass=abc.ABCMeta):
         parts = [f"heads={self.num_heads}", f"head_dim={self.head_dim}"]
         if self.grid_size is not None:
             parts.append(f"grid={self.grid_size[0]}x{self.grid_size[1]}+{self.num_prefix_tokens}")
-        parts += [f"{name}={getattr(self, name)!r}" for name in self.hparams if hasattr(self, name)]
+        parts += [f"{name}={value!r}" for name, value in self.hparam_values().items()]
         return ", ".join(parts)

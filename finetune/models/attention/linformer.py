@@ -24,13 +24,13 @@ Hyperparameters:
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .base import AttentionBase, AttentionConfigError
+from .hparams import HParam
 from .registry import register_attention
 
 
@@ -71,31 +71,35 @@ class LinformerAttention(AttentionBase):
         share_kv: use the same projection for keys and values.
     """
 
-    hparams = ("rank", "share_kv")
+    hparams = {
+        "rank": HParam(int, 64, "projected sequence length k (< token count)", minimum=1, short="k", sweep=(32, 64)),
+        "share_kv": HParam(bool, False, "one projection for keys and values", short="kv", sweep=(False,)),
+    }
     needs_grid = True
 
-    def __init__(self, *args, rank: int = 64, share_kv: bool = False, **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        dd = {"device": self.qkv.weight.device, "dtype": self.qkv.weight.dtype}
         n = self.num_tokens
-        try:
-            if isinstance(rank, bool):
-                raise TypeError
-            rank = operator.index(rank)
-        except TypeError:
-            raise AttentionConfigError(f"linformer rank={rank!r} must be an integer in [1, N-1] = [1, {n - 1}]") from None
-        if not 1 <= rank < n:
+        self.E = nn.Parameter(torch.empty(n, self.rank, **dd))  # (N, k)
+        self.F: Optional[nn.Parameter] = None if self.share_kv else nn.Parameter(torch.empty(n, self.rank, **dd))  # (N, k)
+        self.reset_projections()
+
+    def check_geometry(self) -> None:
+        n = self.num_tokens
+        if self.rank >= n:
             raise AttentionConfigError(
-                f"linformer rank={rank} must be in [1, N-1] = [1, {n - 1}] for N={n} tokens "
+                f"linformer rank={self.rank} must be in [1, N-1] = [1, {n - 1}] for N={n} tokens "
                 "(rank >= N compresses nothing)"
             )
-        if not isinstance(share_kv, bool):
-            raise AttentionConfigError(f"linformer share_kv={share_kv!r} must be a bool")
-        self.rank = rank
-        self.share_kv = share_kv
-        dd = {"device": self.qkv.weight.device, "dtype": self.qkv.weight.dtype}
-        self.E = nn.Parameter(torch.empty(n, rank, **dd))  # (N, k)
-        self.F: Optional[nn.Parameter] = None if share_kv else nn.Parameter(torch.empty(n, rank, **dd))  # (N, k)
-        self.reset_projections()
+
+    @classmethod
+    def flops(cls, N, D, H, *, num_prefix_tokens, rank, **hparams):
+        return H * (2 * rank * N * D * 2 + 2 * N * rank * D * 2)  # E^T K, F^T V; q K'^T, attn V'
+
+    @classmethod
+    def activation_bytes(cls, N, D, H, *, dtype_bytes, fused, num_prefix_tokens, rank, **hparams):
+        return H * (N * D + 2 * rank * D + N * rank) * dtype_bytes  # q * scale; K', V'; attention (N x k)
 
     @torch.no_grad()
     def reset_projections(self) -> None:

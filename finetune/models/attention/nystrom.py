@@ -36,9 +36,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import AttentionBase, int_hparam
+from .base import AttentionBase, fp32_core_bytes
+from .hparams import HParam
 from .registry import register_attention
-from .softmax import softmax_attention
+from .softmax import SoftmaxAttention, softmax_attention, softmax_flops
 
 
 def segment_means(x: torch.Tensor, segments: int) -> torch.Tensor:
@@ -97,42 +98,61 @@ def nystrom_attention(
 class NystromAttention(AttentionBase):
     """timm-compatible Nystromformer attention.
 
-    Args (besides timm's `Attention` arguments, see `AttentionBase`):
+    Hyperparameters (besides timm's `Attention` arguments, see `AttentionBase`):
         landmarks: number of landmarks m (>= 1); m >= N computes exact softmax.
         pinv_iterations: iterations of the Moore-Penrose pseudo-inverse (>= 1).
         conv_kernel: odd length of the depthwise value-residual conv along the sequence, or None.
     """
 
-    hparams = ("landmarks", "pinv_iterations", "conv_kernel")
+    hparams = {
+        "landmarks": HParam(int, 32, "landmark count m (>= tokens: exact attention)", minimum=1, short="m", sweep=(32, 64)),
+        "pinv_iterations": HParam(int, 6, "Razavi pseudo-inverse iterations", minimum=1, short="pinv"),
+        "conv_kernel": HParam(
+            int, None, "depthwise conv residual on values (odd kernel)", minimum=1, odd=True, optional=True, short="conv"
+        ),
+    }
 
-    def __init__(
-        self,
-        *args,
-        landmarks: int = 32,
-        pinv_iterations: int = 6,
-        conv_kernel: Optional[int] = None,
-        **kwargs,
-    ) -> None:
-        landmarks = int_hparam("nystrom", "landmarks", landmarks, 1)
-        pinv_iterations = int_hparam("nystrom", "pinv_iterations", pinv_iterations, 1)
-        if conv_kernel is not None:
-            conv_kernel = int_hparam("nystrom", "conv_kernel", conv_kernel, 1, odd=True)
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.landmarks = landmarks
-        self.pinv_iterations = pinv_iterations
-        self.conv_kernel = conv_kernel
         self.res_conv: Optional[nn.Conv2d] = None
-        if conv_kernel is not None:
+        if self.conv_kernel is not None:
             self.res_conv = nn.Conv2d(
                 self.num_heads,
                 self.num_heads,
-                kernel_size=(conv_kernel, 1),
-                padding=(conv_kernel // 2, 0),
+                kernel_size=(self.conv_kernel, 1),
+                padding=(self.conv_kernel // 2, 0),
                 groups=self.num_heads,
                 bias=False,
                 device=self.qkv.weight.device,
                 dtype=self.qkv.weight.dtype,
             )
+
+    @classmethod
+    def flops(cls, N, D, H, *, num_prefix_tokens, landmarks, pinv_iterations, conv_kernel, **hparams):
+        m, iters = landmarks, pinv_iterations
+        if m >= N:
+            per_head = softmax_flops(N, D)  # exact softmax
+        else:
+            per_head = (
+                2 * N * m * D  # kernel_1 = q k~^T
+                + 2 * m * m * D  # kernel_2 = q~ k~^T
+                + 2 * m * N * D  # kernel_3 = q~ k^T
+                + 2 * m * N * D  # kernel_3 v
+                + iters * 4 * 2 * m * m * m  # Razavi iteration: four m x m x m products each
+                + 2 * m * m * D  # pinv @ context
+                + 2 * N * m * D  # kernel_1 @ context
+            )
+        if conv_kernel is not None:
+            per_head += 2 * N * D * conv_kernel  # depthwise (conv_kernel x 1) residual on v
+        return H * per_head
+
+    @classmethod
+    def activation_bytes(cls, N, D, H, *, dtype_bytes, fused, num_prefix_tokens, landmarks, pinv_iterations, **hparams):
+        m = landmarks
+        if m >= N:
+            return SoftmaxAttention.activation_bytes(N, D, H, dtype_bytes=dtype_bytes, fused=True, num_prefix_tokens=num_prefix_tokens)
+        # scaled q; kernels 1 and 3; landmarks and contexts; kernel 2 and ~6 m x m iterates per pinv step
+        return fp32_core_bytes(N * D + 2 * N * m + 4 * m * D + (6 * pinv_iterations + 2) * m * m, N, D, H, dtype_bytes)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = nystrom_attention(q, k, v, self.landmarks, self.pinv_iterations)  # (B, H, N, D)

@@ -41,7 +41,8 @@ from typing import Optional
 
 import torch
 
-from .base import AttentionBase, AttentionConfigError, int_hparam
+from .base import AttentionBase, AttentionConfigError, fp32_core_bytes
+from .hparams import HParam
 from .registry import register_attention
 
 PERFORMER_KERNELS = ("softmax", "relu")
@@ -138,36 +139,41 @@ def performer_attention(
 class PerformerAttention(AttentionBase):
     """timm-compatible Performer (FAVOR+) attention.
 
-    Args (besides timm's `Attention` arguments, see `AttentionBase`):
+    Hyperparameters (besides timm's `Attention` arguments, see `AttentionBase`):
         features: number of random features m (>= 1).
         redraw_interval: training forward calls between redraws of the projection; None/0: never.
         kernel: 'softmax' (FAVOR+) or 'relu'.
     """
 
-    hparams = ("features", "redraw_interval", "kernel")
+    hparams = {
+        "features": HParam(int, 64, "random features m", minimum=1, short="m", sweep=(64, 128)),
+        "redraw_interval": HParam(
+            int, None, "redraw features every N training steps (0: never)", minimum=0, optional=True, short="redraw"
+        ),
+        "kernel": HParam(str, "softmax", "feature map", choices=PERFORMER_KERNELS),
+    }
 
-    def __init__(
-        self,
-        *args,
-        features: int = 64,
-        redraw_interval: Optional[int] = None,
-        kernel: str = "softmax",
-        **kwargs,
-    ) -> None:
-        features = int_hparam("performer", "features", features, 1)
-        if redraw_interval is not None:
-            redraw_interval = int_hparam("performer", "redraw_interval", redraw_interval, 0)
-        if kernel not in PERFORMER_KERNELS:
-            raise AttentionConfigError(f"performer kernel={kernel!r} is not one of {PERFORMER_KERNELS}")
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.features = features
-        self.redraw_interval = redraw_interval or None
-        self.kernel = kernel
+        self.redraw_interval = self.redraw_interval or None
         device = self.qkv.weight.device
         self.register_buffer(
-            "projection", orthogonal_random_features(features, self.head_dim, device=device), persistent=True
+            "projection", orthogonal_random_features(self.features, self.head_dim, device=device), persistent=True
         )  # (m, D)
         self.calls_since_redraw = 0
+
+    @classmethod
+    def flops(cls, N, D, H, *, num_prefix_tokens, features, **hparams):
+        m = features
+        return H * (2 * N * m * D * 2 + 2 * N * m * (D + 1) * 2)  # phi(q), phi(k); phi(K)^T [V,1], phi(Q) ctx
+
+    @classmethod
+    def activation_bytes(cls, N, D, H, *, dtype_bytes, fused, num_prefix_tokens, features, kernel, **hparams):
+        m = features
+        # scaled q, k; exponents, their exps and features of q and k (relu: pre-activations and
+        # features); [V,1] and the output; context
+        feature_maps = 3 * N * m if kernel == "relu" else 6 * N * m + N
+        return fp32_core_bytes(2 * N * D + feature_maps + 2 * N * (D + 1) + m * (D + 1), N, D, H, dtype_bytes)
 
     @torch.no_grad()
     def redraw_projection(self, generator: Optional[torch.Generator] = None) -> None:

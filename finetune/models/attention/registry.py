@@ -1,23 +1,65 @@
-"""Attention variants keyed by name: the one plug-in point between configs and timm's `attn_layer`."""
+"""Attention variants by name or import path: the one plug-in point between configs and timm's `attn_layer`.
+
+Built-in variants register a name (`register_attention`); any other `AttentionBase` subclass is used
+by its import path, ``package.module:ClassName``, with no registration and no fork. Everything that
+lists variants or their hyperparameters (CLI flags, config validation, search-space blocks, labels,
+the cost model, benchmarks) asks this module.
+"""
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type
+import functools
+import importlib
+import inspect
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
 
-from .base import AttentionBase, AttentionConfigError
+from .base import RESERVED, AttentionBase, AttentionConfigError
+from .hparams import HParam
 
 ATTENTION_VARIANTS: Dict[str, Type[AttentionBase]] = {}
+PLUGIN_SYNTAX = "a plug-in is given by import path, 'package.module:ClassName'"
+
+
+def _check_declaration(cls: Type[AttentionBase], variant: str) -> None:
+    """A variant class must be a concrete AttentionBase with a well-formed `hparams` table."""
+    if not (inspect.isclass(cls) and issubclass(cls, AttentionBase)):
+        raise AttentionConfigError(
+            f"attention variant {variant!r} is {cls!r}, not a subclass of finetune.models.attention.AttentionBase"
+        )
+    if inspect.isabstract(cls):
+        raise AttentionConfigError(f"attention variant {variant!r} ({cls.__name__}) does not implement attend(q, k, v)")
+    if not isinstance(cls.hparams, Mapping):
+        raise AttentionConfigError(f"attention variant {variant!r}: hparams must be a dict of name -> HParam")
+    for name, hp in cls.hparams.items():
+        if not isinstance(hp, HParam):
+            raise AttentionConfigError(f"attention variant {variant!r}: hparams[{name!r}] must be an HParam, not {hp!r}")
+        if not name.isidentifier() or name in RESERVED or hasattr(AttentionBase, name):
+            raise AttentionConfigError(
+                f"attention variant {variant!r}: hyperparameter name {name!r} is not an identifier or is taken by "
+                "AttentionBase; pick another name"
+            )
 
 
 def register_attention(name: str) -> Callable[[Type[AttentionBase]], Type[AttentionBase]]:
-    """Class decorator: make a variant buildable by `name`."""
+    """Class decorator: make a variant buildable by `name` (and give it CLI flags and config keys).
+
+    A hyperparameter name shared with another registered variant must have the same type and
+    sequence-ness, since both are set by one flag and one config key."""
 
     def wrap(cls: Type[AttentionBase]) -> Type[AttentionBase]:
         if name in ATTENTION_VARIANTS and ATTENTION_VARIANTS[name] is not cls:
-            raise ValueError(f"attention variant {name!r} is registered twice")
+            raise AttentionConfigError(f"attention variant {name!r} is registered twice")
+        _check_declaration(cls, name)
+        for key, hp in cls.hparams.items():
+            for other, other_hp in declared_hparams().get(key, []):
+                if (other_hp.type, other_hp.sequence) != (hp.type, hp.sequence):
+                    raise AttentionConfigError(
+                        f"attention variant {name!r} declares {key!r} as {hp.type.__name__}"
+                        f"{' list' if hp.sequence else ''}, but {other!r} declares it differently"
+                    )
         ATTENTION_VARIANTS[name] = cls
         cls.variant_name = name
         return cls
@@ -25,25 +67,84 @@ def register_attention(name: str) -> Callable[[Type[AttentionBase]], Type[Attent
     return wrap
 
 
+def builtin_variants() -> Tuple[str, ...]:
+    """Registered variant names, in registration order."""
+    return tuple(ATTENTION_VARIANTS)
+
+
+def declared_hparams() -> Dict[str, List[Tuple[str, HParam]]]:
+    """{hyperparameter name: [(variant, HParam), ...]} over the registered variants, in order."""
+    table: Dict[str, List[Tuple[str, HParam]]] = {}
+    for variant, cls in ATTENTION_VARIANTS.items():
+        for key, hp in cls.hparams.items():
+            table.setdefault(key, []).append((variant, hp))
+    return table
+
+
 def _suggest(value: str, allowed) -> str:
     close = difflib.get_close_matches(value, list(allowed), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+@functools.lru_cache(maxsize=64)
+def _import_variant(path: str) -> Type[AttentionBase]:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise AttentionConfigError(f"attention variant {path!r}: {PLUGIN_SYNTAX}")
+    try:
+        module = importlib.import_module(module_name)
+    except (ImportError, SyntaxError) as err:
+        raise AttentionConfigError(
+            f"attention variant {path!r}: module {module_name!r} cannot be imported ({type(err).__name__}: {err}); "
+            "is its directory on PYTHONPATH?"
+        ) from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise AttentionConfigError(f"attention variant {path!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    _check_declaration(obj, path)
+    return obj
+
+
 def get_attention_class(variant: str) -> Type[AttentionBase]:
+    """The class of a registered name (``linformer``) or an import path (``my_pkg.attn:MyAttention``)."""
+    if not isinstance(variant, str):
+        raise AttentionConfigError(f"attention variant {variant!r} must be a name or 'package.module:ClassName'")
+    if ":" in variant:
+        return _import_variant(variant)
     try:
         return ATTENTION_VARIANTS[variant]
     except KeyError:
-        allowed = ", ".join(sorted(ATTENTION_VARIANTS))
+        allowed = ", ".join(ATTENTION_VARIANTS)
         raise AttentionConfigError(
-            f"unknown attention variant {variant!r}{_suggest(variant, ATTENTION_VARIANTS)}; allowed: {allowed}"
+            f"unknown attention variant {variant!r}{_suggest(variant, ATTENTION_VARIANTS)}; built-in: {allowed}; "
+            f"{PLUGIN_SYNTAX}"
         ) from None
 
 
-def variant_hparams(variant: str, config: Mapping[str, Any]) -> Dict[str, Any]:
-    """The subset of a flat config that `variant` consumes; None means "the variant's default"."""
+def variant_path(variant: str) -> str:
+    """``module:Class`` of a variant, importable without any registration (for weight sidecars)."""
     cls = get_attention_class(variant)
-    return {k: config[k] for k in cls.hparams if config.get(k) is not None}
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def variant_hparams(variant: str, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The subset of a flat config that `variant` declares, checked; None means "the variant's default"."""
+    cls = get_attention_class(variant)
+    return cls.check_hparams({k: config[k] for k in cls.hparams if config.get(k) is not None})
+
+
+def variant_label(variant: str, hparams: Mapping[str, Any]) -> str:
+    """A short human label: ``atrous_linear dil=1,2,3 w=3 m=16``, ``linformer k=16``, ``softmax``.
+
+    Shows the given hyperparameters (None: unset) in declaration order, by their `HParam.short` names;
+    a plug-in is named by its class name."""
+    cls = get_attention_class(variant)
+    values = cls.check_hparams({k: v for k, v in hparams.items() if v is not None})
+    name = variant if ":" not in variant else cls.__name__
+    parts = [cls.hparams[k].label(k, values[k]) for k in cls.hparams if k in values]
+    return " ".join([name, *parts])
 
 
 def attention_layer(
@@ -59,18 +160,13 @@ def attention_layer(
     thin subclass of the variant whose constructor fills in the bound keyword arguments.
     """
     cls = get_attention_class(variant)
-    unknown = sorted(set(hparams) - set(cls.hparams))
-    if unknown:
-        allowed = ", ".join(cls.hparams) or "none"
-        raise AttentionConfigError(
-            f"unknown hyperparameter(s) {unknown} for attention variant {variant!r}; allowed: {allowed}"
-        )
-    bound = dict(grid_size=grid_size, num_prefix_tokens=num_prefix_tokens, **hparams)
+    bound = dict(grid_size=grid_size, num_prefix_tokens=num_prefix_tokens, **cls.check_hparams(hparams))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         cls.__init__(self, *args, **{**bound, **kwargs})
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__, "bound_kwargs": bound})
+    namespace = {"__init__": __init__, "__module__": cls.__module__, "bound_kwargs": bound, "variant_name": cls.variant_id()}
+    return type(cls.__name__, (cls,), namespace)
 
 
 def check_attention(

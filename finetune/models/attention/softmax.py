@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from timm.layers import use_fused_attn
 
 from .base import AttentionBase
+from .registry import register_attention
+
+
+def softmax_flops(N: int, D: int) -> int:
+    """Per head: q k^T and attn v, 2 FLOPs per multiply-add."""
+    return 2 * N * N * D + 2 * N * N * D
 
 
 def softmax_attention(
@@ -36,14 +42,26 @@ def softmax_attention(
     return attn @ v  # (B, H, N, D)
 
 
+@register_attention("softmax")
 class SoftmaxAttention(AttentionBase):
     """timm-compatible exact attention; `fused_attn` picks SDPA or the readable path."""
 
-    hparams = ()
+    hparams = {}
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fused_attn = use_fused_attn()
+
+    @classmethod
+    def flops(cls, N, D, H, *, num_prefix_tokens, **hparams):
+        # Counted as the readable path (two N x N x D products); SDPA kernels do the same arithmetic.
+        return H * softmax_flops(N, D)
+
+    @classmethod
+    def activation_bytes(cls, N, D, H, *, dtype_bytes, fused, num_prefix_tokens, **hparams):
+        # fused: SDPA keeps the output and the log-sum-exp; readable: q * scale and the N x N softmax.
+        elems = N * D + N if fused else N * D + N * N
+        return H * elems * dtype_bytes
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout_p = self.attn_drop.p if self.training else 0.0
