@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
 
 from finetune.errors import ConfigError, VitsweepError
+from search_spaces import SweepOverrides, load_sweep
 
 from .report import write_report
-from .sweep import DEFAULT_STORAGE, apply_overrides, load_spec, resume_sweep, run_sweep
+from .sweep import DEFAULT_STORAGE, local_resources, resume_sweep, run_sweep
 
 
 def _parse_set(values: Optional[List[str]]) -> Dict[str, Any]:
@@ -44,20 +46,23 @@ def _print_outcome(outcome) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    spec = load_spec(args.preset, args.config)
-    spec = apply_overrides(
-        spec,
+    overrides = SweepOverrides(
         num_samples=args.num_samples,
-        gpus_per_trial=args.gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent,
         scheduler=args.scheduler,
         searcher=args.searcher,
         max_failures=args.max_failures,
         fixed=_parse_set(args.set),
     )
+    resolved = load_sweep(
+        args.preset if args.preset is not None else Path(args.config),
+        overrides,
+        local_resources=local_resources(args.address, args.num_cpus, args.num_gpus),
+    )
     outcome = run_sweep(
-        spec, storage=args.storage, name=args.name, address=args.address, num_cpus=args.num_cpus,
+        resolved, storage=args.storage, name=args.name, address=args.address, num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
     )
     return _print_outcome(outcome)

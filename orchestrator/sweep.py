@@ -1,8 +1,8 @@
-"""The sweep driver: spec -> validated -> Ray -> `tune.Tuner` -> report; and resume of a stopped sweep.
+"""The sweep driver: a `ResolvedSweep` -> Ray -> `tune.Tuner` -> report; and resume of a stopped sweep.
 
-Order matters: every value is validated (and the local instance's resources checked) *before*
-``ray.init``; only resources of a cluster joined with ``--address`` are checked after joining, before
-any trial starts.
+Order matters: `search_spaces.load_sweep` validates every value (and the local instance's resources)
+*before* ``ray.init``, once; only the resources of a cluster joined with ``--address`` are checked
+after joining, before any trial starts.
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ import datetime as _dt
 import importlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-from finetune.config import ConfigError
+from finetune.errors import ConfigError
 from finetune.io_utils import read_tagged_json, write_json
-from search_spaces import SweepSpec, count_trials, get_preset, load_config_file, validate_resources, validate_spec
+from search_spaces import ResolvedSweep, SweepSpec, load_sweep, validate_resources
+from trainables.layout import trial_label
 
 from .report import MARKER, Report, write_report
 
@@ -26,37 +28,7 @@ _logger = logging.getLogger(__name__)
 MARKER_FORMAT = "vitsweep-experiment"
 DEFAULT_STORAGE = "ray_results"
 DEFAULT_TRAINABLE = "trainables.finetune_trainable:train_vit"
-
-
-def load_spec(preset: Optional[str] = None, config: Optional[str] = None) -> SweepSpec:
-    """The sweep named by ``--preset`` or read from ``--config`` (exactly one)."""
-    if (preset is None) == (config is None):
-        raise ConfigError("give exactly one of --preset NAME or --config FILE")
-    return get_preset(preset) if preset is not None else load_config_file(config)
-
-
-def apply_overrides(
-    spec: SweepSpec,
-    *,
-    num_samples: Optional[int] = None,
-    gpus_per_trial: Optional[float] = None,
-    cpus_per_trial: Optional[float] = None,
-    max_concurrent: Optional[int] = None,
-    scheduler: Optional[str] = None,
-    searcher: Optional[str] = None,
-    max_failures: Optional[int] = None,
-    fixed: Optional[Dict[str, Any]] = None,
-) -> SweepSpec:
-    """CLI flags over the preset; the result is parsed again, so bad flags fail like bad presets."""
-    resources = {}
-    if gpus_per_trial is not None:
-        resources["gpu"] = gpus_per_trial
-    if cpus_per_trial is not None:
-        resources["cpu"] = cpus_per_trial
-    return spec.override(
-        num_samples=num_samples, max_concurrent=max_concurrent, scheduler=scheduler, searcher=searcher,
-        max_failures=max_failures, resources=resources or None, fixed=fixed or None,
-    )
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def detect_local_resources(num_cpus: Optional[float] = None, num_gpus: Optional[float] = None) -> Tuple[float, float]:
@@ -68,6 +40,22 @@ def detect_local_resources(num_cpus: Optional[float] = None, num_gpus: Optional[
 
         num_gpus = float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
     return float(num_cpus), float(num_gpus)
+
+
+def joins_cluster(address: Optional[str]) -> bool:
+    """The sweep runs on an existing Ray: `address`, RAY_ADDRESS (``ray job submit``) or one already
+    initialised in this process (a notebook, a test fixture)."""
+    import ray
+
+    return bool(address or os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
+
+
+def local_resources(
+    address: Optional[str], num_cpus: Optional[float], num_gpus: Optional[float]
+) -> Optional[Tuple[float, float]]:
+    """What `load_sweep` checks each trial against: the local instance's resources, or None when the
+    sweep joins a cluster (checked after joining, `check_cluster`)."""
+    return None if joins_cluster(address) else detect_local_resources(num_cpus, num_gpus)
 
 
 def dashboard_available() -> bool:
@@ -131,32 +119,34 @@ def load_trainable(path: str) -> Callable:
 
 
 def trial_dirname(trial) -> str:
-    """Short trial directory names: ``<trial id>_<variant label>`` (Tune's default spells out the config)."""
-    from trainables.layout import trial_label
-
-    return f"{trial.trial_id}_{trial_label(trial.config)}"
-
-
-def _max_epochs(spec: SweepSpec) -> int:
-    from search_spaces.validate import trial_configs
-
-    return max(int(flat.get("epochs", 10)) for _, _, flat in trial_configs(spec))
+    """Short trial directory names: ``<trial id>_<variant label>`` (Tune's default spells out the config).
+    Characters other than letters, digits, ``.``, ``_`` and ``-`` (a plug-in's ``module:Class``, a
+    ``/`` in a label) become ``_``."""
+    return f"{trial.trial_id}_{_UNSAFE_IN_NAME.sub('_', trial_label(trial.config))}"
 
 
-def build_tuner(spec: SweepSpec, storage: str | Path, name: str, trainable: Optional[Callable] = None):
-    """The `tune.Tuner` for `spec` (Ray must be initialised only for `fit`)."""
+def storage_location(storage: str | Path, name: str) -> Tuple[str, Path]:
+    """``--storage`` as Tune's ``storage_path`` (made absolute) and the experiment directory in it."""
+    root = Path(storage).resolve()
+    return str(root), root / name
+
+
+def _trial_resources(spec: SweepSpec) -> Dict[str, float]:
+    return {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]}
+
+
+def build_tuner(resolved: ResolvedSweep, storage_path: str, name: str, trainable: Optional[Callable] = None):
+    """The `tune.Tuner` for a resolved sweep (Ray must be initialised only for `fit`)."""
     from ray import tune
 
-    from search_spaces.tune_space import make_scheduler, make_searcher, param_space
-
+    spec = resolved.spec
     if trainable is None:
         trainable = load_trainable(DEFAULT_TRAINABLE)
-    resources = {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]}
     tune_config = tune.TuneConfig(
         metric=spec.metric,
         mode=spec.mode,
-        search_alg=make_searcher(spec),
-        scheduler=make_scheduler(spec, _max_epochs(spec)),
+        search_alg=resolved.make_searcher(),
+        scheduler=resolved.make_scheduler(),
         num_samples=spec.num_samples,
         max_concurrent_trials=spec.max_concurrent,
         reuse_actors=spec.reuse_actors,
@@ -164,7 +154,7 @@ def build_tuner(spec: SweepSpec, storage: str | Path, name: str, trainable: Opti
     )
     run_config = tune.RunConfig(
         name=name,
-        storage_path=str(Path(storage).resolve()),
+        storage_path=storage_path,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=spec.num_to_keep,
@@ -178,14 +168,16 @@ def build_tuner(spec: SweepSpec, storage: str | Path, name: str, trainable: Opti
         verbose=1,
     )
     return tune.Tuner(
-        tune.with_resources(trainable, resources),
-        param_space=param_space(spec),
+        tune.with_resources(trainable, _trial_resources(spec)),
+        param_space=resolved.make_param_space(),
         tune_config=tune_config,
         run_config=run_config,
     )
 
 
-def write_marker(exp_dir: Path, spec: SweepSpec, trainable: str) -> Path:
+def write_marker(exp_dir: Path, resolved: ResolvedSweep, trainable: str) -> Path:
+    """The experiment marker: what `resume_sweep` rebuilds the sweep from. ``validated``: the values
+    were checked against the model's geometry at `run` (resume then skips that check)."""
     from finetune import __version__
 
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -193,10 +185,11 @@ def write_marker(exp_dir: Path, spec: SweepSpec, trainable: str) -> Path:
     write_json(path, {
         "format": MARKER_FORMAT,
         "version": __version__,
-        "source": spec.source,
+        "source": resolved.spec.source,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "trainable": trainable,
-        "spec": spec.to_dict(),
+        "validated": resolved.geometry_checked,
+        "spec": resolved.spec.to_dict(),
     })
     return path
 
@@ -234,7 +227,7 @@ def _finish(exp_dir: Path, results, expected: Optional[int] = None) -> SweepOutc
 
 
 def run_sweep(
-    spec: SweepSpec,
+    sweep: Union[ResolvedSweep, SweepSpec],
     *,
     storage: str | Path = DEFAULT_STORAGE,
     name: Optional[str] = None,
@@ -243,24 +236,28 @@ def run_sweep(
     num_gpus: Optional[float] = None,
     trainable: Optional[Callable] = None,
 ) -> SweepOutcome:
-    """Validate, start or join Ray, run the Tuner, write the report; returns where everything is."""
-    import ray
+    """Start or join Ray, run the Tuner, write the report; returns where everything is.
 
-    validate_spec(spec)
-    joining = bool(address or os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
-    if not joining:
-        validate_resources(spec, *detect_local_resources(num_cpus, num_gpus))
+    `sweep` is validated already (`search_spaces.load_sweep`); a `SweepSpec` is resolved here. Only
+    resources the sweep was not checked against are checked: a cluster after joining it, or a local
+    instance other than the one `load_sweep` was given.
+    """
+    available = local_resources(address, num_cpus, num_gpus)
+    if isinstance(sweep, SweepSpec):
+        sweep = load_sweep(sweep, local_resources=available)
+    elif available is not None and sweep.local_resources != available:
+        validate_resources(sweep.spec, *available)
+    spec = sweep.spec
     name = name or f"{spec.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    storage = Path(storage).resolve()
+    storage_path, exp_dir = storage_location(storage, name)
     init_ray(address, num_cpus, num_gpus)
-    if joining:
+    if available is None:
         check_cluster(spec)
-    exp_dir = storage / name
     trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
-    write_marker(exp_dir, spec, trainable_path(trainable))
-    tuner = build_tuner(spec, storage, name, trainable)
+    write_marker(exp_dir, sweep, trainable_path(trainable))
+    tuner = build_tuner(sweep, storage_path, name, trainable)
     results = tuner.fit()
-    return _finish(exp_dir, results, expected=count_trials(spec) if spec.searcher == "grid" else None)
+    return _finish(exp_dir, results, expected=sweep.expected_trials)
 
 
 def resume_sweep(
@@ -278,15 +275,17 @@ def resume_sweep(
     marker = read_marker(exp_dir)
     if not tune.Tuner.can_restore(str(exp_dir)):
         raise ConfigError(f"{str(exp_dir)!r} has a vitsweep marker but no Tune state to resume (did the sweep start?)")
-    spec = SweepSpec.from_dict(marker["spec"], source=marker.get("source", ""))
+    # Markers without "validated" were written by `run`, which always checked the geometry.
+    resolved = load_sweep(marker["spec"], source_name=marker.get("source", ""),
+                          check_geometry=not marker.get("validated", True))
     trainable = load_trainable(marker.get("trainable") or DEFAULT_TRAINABLE)
     init_ray(address, num_cpus, num_gpus)
-    check_cluster(spec)
+    check_cluster(resolved.spec)
     tuner = tune.Tuner.restore(
         str(exp_dir),
-        trainable=tune.with_resources(trainable, {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]}),
+        trainable=tune.with_resources(trainable, _trial_resources(resolved.spec)),
         resume_unfinished=True,
         resume_errored=True,
     )
     results = tuner.fit()
-    return _finish(exp_dir, results, expected=count_trials(spec) if spec.searcher == "grid" else None)
+    return _finish(exp_dir, results, expected=resolved.expected_trials)

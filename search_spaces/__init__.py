@@ -1,22 +1,24 @@
 """Search spaces: one module per attention variant, the shared optimiser space, and presets that
-combine them (`search_spaces.presets`). A sweep is data (`SweepSpec`), validated before Ray starts
-(`validate_spec`) and turned into Tune's terms in `search_spaces.tune_space`.
+combine them (`search_spaces.presets`). A sweep is data (`SweepSpec`); `load_sweep` reads, parses and
+validates it once before Ray starts and returns the `ResolvedSweep` the driver runs, which
+`search_spaces.tune_space` turns into Tune's terms.
 """
 
 from .domains import DOMAIN_KINDS, Domain
-from .presets import get_preset, load_config_file, preset_names
+from .presets import preset_names
+from .resolve import ResolvedSweep, SweepOverrides, count_trials, load_sweep
 from .spec import SweepSpec, VariantBlock
-from .validate import count_trials, validate_resources, validate_spec
+from .validate import validate_resources
 
 __all__ = [
     "DOMAIN_KINDS",
     "Domain",
+    "ResolvedSweep",
+    "SweepOverrides",
     "SweepSpec",
     "VariantBlock",
     "count_trials",
-    "get_preset",
-    "load_config_file",
+    "load_sweep",
     "preset_names",
     "validate_resources",
-    "validate_spec",
 ]

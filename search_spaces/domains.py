@@ -108,8 +108,3 @@ class Domain:
     @property
     def is_grid(self) -> bool:
         return self.kind == "grid"
-
-
-def is_domain(value: Any) -> bool:
-    """A mapping with one key in `DOMAIN_KINDS` is a domain; anything else is a constant."""
-    return isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in DOMAIN_KINDS

@@ -33,6 +33,9 @@ here through `SweepSpec.from_dict`, so they share one schema and one validator:
     reuse_actors: false            # true: trials share worker processes (no per-trial import cost; CPU
                                    # sweeps of short trials); false frees all GPU memory between trials
 
+`search_spaces.load_sweep` parses a preset or file once (CLI overrides merged first), validates it once
+and returns a `ResolvedSweep`.
+
 `grid` and `random` expand through Tune's own generator (``tune.grid_search`` over variant blocks, each
 block's domains resolved inside it); `optuna` uses a define-by-run function (see `search_spaces.tune_space`)
 so a variant's own hyperparameters exist only in trials of that variant.
@@ -45,7 +48,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from finetune.config import VARIANTS, ConfigError
+from finetune.errors import AttentionConfigError, ConfigError
+from finetune.models.attention import get_attention_class
 
 from .domains import Domain
 
@@ -78,12 +82,29 @@ def _choice(key: str, value: Any, allowed) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed{hint}; allowed: {', '.join(allowed)}")
 
 
+def _mapping(where: str, value: Any, what: str) -> Dict[str, Any]:
+    """A copy of an optional mapping (None: empty); anything else is refused naming `where`."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping of {what}, got {value!r}")
+    return dict(value)
+
+
 def _split(where: str, values: Optional[Mapping[str, Any]]) -> Dict[str, Domain]:
     """Parse a ``search:`` mapping; every value must be a domain."""
-    values = values or {}
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{where} must be a mapping of config key -> domain, got {values!r}")
+    values = _mapping(where, values, "config key -> domain")
     return {k: Domain.parse(k, v) for k, v in values.items()}
+
+
+def _check_variant(where: str, variant: Any) -> None:
+    """A built-in variant name or a plug-in's ``module:Class`` import path."""
+    if not isinstance(variant, str):
+        raise ConfigError(f"{where}={variant!r} must be a variant name or a 'module:Class' import path")
+    try:
+        get_attention_class(variant)
+    except AttentionConfigError as err:
+        raise AttentionConfigError(f"{where}: {err}") from None
 
 
 @dataclass
@@ -103,8 +124,8 @@ class VariantBlock:
             raise ConfigError(f"variants[{index}]={value!r}: give a variant name or a mapping with 'variant:'")
         _unknown(f"variants[{index}]", value, BLOCK_KEYS)
         variant = value["variant"]
-        _choice(f"variants[{index}].variant", variant, VARIANTS)
-        fixed = dict(value.get("fixed") or {})
+        _check_variant(f"variants[{index}].variant", variant)
+        fixed = _mapping(f"variants[{index}].fixed", value.get("fixed"), "TrainConfig keys")
         if "variant" in fixed or "variant" in (value.get("search") or {}):
             raise ConfigError(f"variants[{index}]: set the variant with 'variant:', not inside fixed/search")
         search = _split(f"variants[{index}].search", value.get("search"))
@@ -121,7 +142,8 @@ class VariantBlock:
 
 @dataclass
 class SweepSpec:
-    """A whole sweep; build with `from_dict`, check with `search_spaces.validate.validate_spec`."""
+    """A whole sweep; build with `from_dict` (checks the structure and the sweep options once); the
+    values are checked by `search_spaces.load_sweep`."""
 
     name: str
     fixed: Dict[str, Any]
@@ -147,9 +169,7 @@ class SweepSpec:
         if not isinstance(values, Mapping):
             raise ConfigError(f"{source or 'sweep config'}: expected a mapping at the top level, got {values!r}")
         _unknown(source or "sweep config", values, TOP_LEVEL_KEYS)
-        fixed = dict(values.get("fixed") or {})
-        if not isinstance(fixed, dict):
-            raise ConfigError(f"fixed must be a mapping of TrainConfig keys, got {fixed!r}")
+        fixed = _mapping("fixed", values.get("fixed"), "TrainConfig keys")
         variants_raw = values.get("variants")
         if variants_raw is None:
             variants_raw = [fixed.pop("variant", "softmax")]
@@ -182,18 +202,18 @@ class SweepSpec:
             if key in values:
                 setattr(spec, key, values[key])
         if "asha" in values:
-            asha = dict(values["asha"] or {})
+            asha = _mapping("asha", values["asha"], "ASHA options")
             _unknown("asha", asha, ASHA_KEYS)
             spec.asha = {**spec.asha, **asha}
         if "resources" in values:
-            resources = dict(values["resources"] or {})
+            resources = _mapping("resources", values["resources"], "per-trial resources")
             _unknown("resources", resources, RESOURCE_KEYS)
             spec.resources = {**spec.resources, **resources}
         spec.check_options()
         return spec
 
     def check_options(self) -> None:
-        """Checks of the sweep-level options (not of TrainConfig values; see validate_spec for those)."""
+        """Checks of the sweep-level options (TrainConfig values: `search_spaces.validate`)."""
         _choice("searcher", self.searcher, SEARCHERS)
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _choice("mode", self.mode, MODES)
@@ -259,17 +279,3 @@ class SweepSpec:
             "num_to_keep": self.num_to_keep,
             "reuse_actors": self.reuse_actors,
         }
-
-    def override(self, **changes: Any) -> "SweepSpec":
-        """A copy with sweep options changed (CLI flags); `fixed` entries merge, the rest replace."""
-        values = self.to_dict()
-        for key, value in changes.items():
-            if value is None:
-                continue
-            if key == "fixed":
-                values["fixed"] = {**values["fixed"], **value}
-            elif key == "resources":
-                values["resources"] = {**values["resources"], **value}
-            else:
-                values[key] = value
-        return SweepSpec.from_dict(values, source=self.source)

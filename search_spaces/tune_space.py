@@ -14,7 +14,8 @@ callable (the searcher is pickled into the experiment for `vitsweep resume`).
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import copy
+from typing import Any, Dict, Optional
 
 from trainables.layout import ARCH_KEY, LABEL_KEY, SEARCH_KEY
 
@@ -52,23 +53,39 @@ def param_space(spec: SweepSpec) -> Dict[str, Any]:
 class DefineByRun:
     """Optuna define-by-run space: pick a variant block, then only that block's hyperparameters.
 
-    Built from the spec's plain-dict form so that it pickles (Tune saves the searcher with the
-    experiment). Optuna's parameter names live under ``_search/``; the returned dict is the real config.
+    Pickles as the spec's plain-dict form (Tune saves the searcher with the experiment), and parses
+    that form once after unpickling, not per trial. Optuna's parameter names live under ``_search/``;
+    the returned dict is the real config.
     """
 
     def __init__(self, spec: SweepSpec) -> None:
         self.spec_dict = spec.to_dict()
+        self._spec: Optional[SweepSpec] = spec
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"spec_dict": self.spec_dict}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.spec_dict = state["spec_dict"]
+        self._spec = None
+
+    @property
+    def spec(self) -> SweepSpec:
+        if self._spec is None:
+            self._spec = SweepSpec.from_dict(self.spec_dict)
+        return self._spec
 
     def __call__(self, trial) -> Dict[str, Any]:
-        spec = SweepSpec.from_dict(self.spec_dict)
+        spec = self.spec
         labels = [b.label for b in spec.variants]
         label = trial.suggest_categorical(f"{SEARCH_KEY}/{ARCH_KEY}", labels) if len(labels) > 1 else labels[0]
         block = spec.variants[labels.index(label)]
-        config: Dict[str, Any] = dict(spec.fixed)
+        # Copies: the parsed spec is shared by every trial.
+        config: Dict[str, Any] = copy.deepcopy(spec.fixed)
         config["seed"] = spec.seeds[0]
         for key, domain in spec.search.items():
             config[key] = domain.suggest(trial, f"{SEARCH_KEY}/{key}")
-        arch = {"variant": block.variant, LABEL_KEY: block.label, **block.fixed}
+        arch = {"variant": block.variant, LABEL_KEY: block.label, **copy.deepcopy(block.fixed)}
         for key, domain in block.search.items():
             arch[key] = domain.suggest(trial, f"{SEARCH_KEY}/{block.label}.{key}")
         config[ARCH_KEY] = arch

@@ -1,6 +1,6 @@
 """Validate a whole sweep before Ray starts: every fixed value, both ends of every range, every listed
 value, against TrainConfig and against the model's geometry (`finetune.train.check_config`), plus the
-per-trial resources against what the cluster offers.
+per-trial resources against what the cluster offers. `search_spaces.load_sweep` calls these once.
 
 Nothing here imports Ray: a bad sweep fails in the driver in well under a second, naming the value.
 """
@@ -8,9 +8,10 @@ Nothing here imports Ray: a bad sweep fails in the driver in well under a second
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
-from finetune.config import ConfigError, TrainConfig
+from finetune.config import TrainConfig
+from finetune.errors import ConfigError, MetricError, VitsweepError
 
 from .domains import Domain
 from .spec import SweepSpec, VariantBlock
@@ -57,14 +58,16 @@ def trial_configs(spec: SweepSpec) -> Iterator[tuple]:
             yield block, combo, flat
 
 
-def validate_spec(spec: SweepSpec, check_geometry: bool = True) -> List[TrainConfig]:
+def check_trial_configs(spec: SweepSpec, check_geometry: bool = True) -> List[TrainConfig]:
     """Raise ConfigError (naming the variant, the key and the value) for the first bad value.
 
-    Returns the checked TrainConfigs (one per extreme-value combination per variant).
+    Returns the checked TrainConfigs (one per extreme-value combination per variant). Without
+    `check_geometry` only `TrainConfig` checks run (no model probe, data or device checks). The sweep
+    options were checked when `spec` was parsed.
     """
+    # Loads torch and timm: only when a sweep is validated.
     from finetune.train import check_config
 
-    spec.check_options()
     checked: List[TrainConfig] = []
     geometry_checked = set()
     for block, combo, flat in trial_configs(spec):
@@ -75,9 +78,7 @@ def validate_spec(spec: SweepSpec, check_geometry: bool = True) -> List[TrainCon
                 check_config(cfg)
                 _check_topk(cfg)
                 geometry_checked.add(key)
-        except ConfigError as err:
-            raise ConfigError(f"{_describe(combo, block)}: {err}") from None
-        except ValueError as err:  # attention hyperparameter errors (AttentionConfigError) are ValueErrors
+        except VitsweepError as err:
             raise ConfigError(f"{_describe(combo, block)}: {err}") from None
         checked.append(cfg)
     epochs = {c.epochs for c in checked}
@@ -91,7 +92,7 @@ def _check_topk(cfg: TrainConfig) -> None:
     """topk against the class count where the data spec fixes it without loading (synthetic, ImageNet-100);
     `check_config` leaves this to `run_training`, which would fail every trial of the sweep."""
     from finetune.data.spec import parse_data_spec
-    from finetune.metrics import MetricError, check_topk
+    from finetune.metrics import check_topk
 
     ds = parse_data_spec(cfg.data)
     classes = ds.options.get("classes") if ds.kind == "synthetic" else (100 if ds.kind == "imagenet100" else None)
@@ -114,23 +115,3 @@ def validate_resources(spec: SweepSpec, available_cpus: float, available_gpus: f
         raise ConfigError(
             f"cpus per trial={cpu} but the cluster has {available_cpus:g} CPU(s); lower --cpus-per-trial"
         )
-
-
-def count_trials(spec: SweepSpec) -> Optional[int]:
-    """How many trials grid expansion makes (None for optuna, where it is num_samples)."""
-    if spec.searcher == "optuna":
-        return spec.num_samples
-    shared = 1
-    for d in spec.search.values():
-        if d.is_grid and spec.searcher == "grid":
-            shared *= len(d.args)
-    if spec.searcher == "random":
-        return shared * len(spec.seeds) * spec.num_samples
-    per_block = 0
-    for block in spec.variants:
-        n = 1
-        for d in block.search.values():
-            if d.is_grid:
-                n *= len(d.args)
-        per_block += n
-    return shared * per_block * len(spec.seeds) * spec.num_samples

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from conftest import write_sweep_yaml
 from PIL import Image
 
 from orchestrator.cli import main
@@ -27,16 +28,6 @@ TRAIN = ["train", "--model", "vit_tiny_patch16_224", "--no-pretrained", "--img-s
          "--depth", "2", "--num-workers", "0", "--augment", "none", "--no-progress", "--epochs", "1", "--topk", "1",
          "--batch-size", "2"]
 SYNTH = ["--data", "synthetic:classes=4,size=32,n=16,n_val=8"]
-SWEEP_FIXED = """
-fixed:
-  model: vit_tiny_patch16_224
-  pretrained: false
-  pretrained_tag: null
-  img_size: 32
-  patch_size: 4
-  data: "synthetic:classes=5,size=32,n=40,n_val=20"
-  epochs: 1
-"""
 
 
 class Case:
@@ -46,9 +37,13 @@ class Case:
         self.name, self.build, self.fragments, self.found_in_training = name, build, fragments, found_in_training
 
 
-def _yaml(tmp: Path, body: str, fixed: str = SWEEP_FIXED) -> str:
+def _yaml(tmp: Path, body: str, **fixed) -> str:
+    return write_sweep_yaml(tmp, body, **{"epochs": 1, **fixed})
+
+
+def _not_a_mapping(tmp: Path) -> str:
     path = tmp / "sweep.yaml"
-    path.write_text(fixed + body)
+    path.write_text("- softmax\n")
     return str(path)
 
 
@@ -140,11 +135,11 @@ CASES = [
     Case("cli: data show --n 0", lambda t: (["data", "show", "--data", "synthetic", "--out", str(t / "g.png"),
                                              "--n", "0"], t / "g.png"), "--n=0", ">= 1"),
     # --- sweep config files
-    Case("config: misspelt TrainConfig key", lambda t: _run(t, "--config", _yaml(t, "", SWEEP_FIXED + "  epocs: 2\n")),
+    Case("config: misspelt TrainConfig key", lambda t: _run(t, "--config", _yaml(t, "", epocs=2)),
          "'epocs'", "did you mean 'epochs'"),
     Case("config: misspelt sweep key", lambda t: _run(t, "--config", _yaml(t, "schedular: asha\n")),
          "'schedular'", "did you mean 'scheduler'", "allowed: name, fixed, search"),
-    Case("config: not a mapping", lambda t: _run(t, "--config", _yaml(t, "", "- softmax\n")),
+    Case("config: not a mapping", lambda t: _run(t, "--config", _not_a_mapping(t)),
          "expected a mapping at the top level", "['softmax']"),
     Case("config: not YAML", lambda t: _run(t, "--config", _yaml(t, "search: {lr: [0.1\n")),
          "sweep.yaml' is not valid YAML", "expected ',' or ']'"),

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import ray
+from conftest import write_sweep_yaml
 
 from orchestrator.cli_sweep import main as sweep_main
 
-TINY_FIXED = """
-fixed:
-  model: vit_tiny_patch16_224
-  pretrained: false
-  pretrained_tag: null
-  img_size: 32
-  patch_size: 4
-  data: "synthetic:classes=5,size=32,n=40,n_val=20"
-  epochs: 2
-"""
-
 
 def _yaml(tmp_path, body: str):
-    path = tmp_path / "sweep.yaml"
-    path.write_text(TINY_FIXED + textwrap.dedent(body))
-    return str(path)
+    return write_sweep_yaml(tmp_path, body, epochs=2)
 
 
 def _refused(capsys, argv, *fragments):
@@ -64,6 +50,13 @@ def test_variant_range_outside_the_geometry(capsys, tmp_path):
     _refused(capsys, ["run", "--config", _yaml(tmp_path, body)], "rank=80", "65 tokens")
     body = "variants: [{variant: atrous_linear, fixed: {window: 3}, search: {dilation: {grid: [[1, 2], [4, 5]]}}}]\n"
     _refused(capsys, ["run", "--config", _yaml(tmp_path, body)], "dilation=[4, 5]")
+
+
+def test_run_validates_the_sweep_once_before_refusing_it(capsys, tmp_path, validation_calls):
+    # the local resources are checked last: everything else was validated by then, and only once
+    _refused(capsys, ["run", "--preset", "smoke", "--set", "epochs=3", "--num-samples", "2", "--gpus-per-trial", "1",
+                      "--num-gpus", "0", "--storage", str(tmp_path)], "gpus per trial=1")
+    assert validation_calls == {"check_options": 1, "check_config": 5}  # one geometry per smoke variant
 
 
 def test_more_gpus_per_trial_than_the_cluster_has(capsys, tmp_path):

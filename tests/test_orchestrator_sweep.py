@@ -1,5 +1,6 @@
-"""End to end on a local Ray instance (2 CPUs): the smoke sweep with the real trainable, ASHA stopping
-weak trials, Optuna's conditional space through the Tuner, and the report written at the end."""
+"""End to end on a local Ray instance (2 CPUs): the smoke sweep with the real trainable through
+`vitsweep run` (validated once), ASHA stopping weak trials, Optuna's conditional space through the
+Tuner, and the report written at the end."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import json
 import pytest
 import ray
 
-from orchestrator.sweep import apply_overrides, load_spec, run_sweep
-from search_spaces import SweepSpec
+from orchestrator import cli_sweep
+from orchestrator.sweep import run_sweep
+from search_spaces import SweepSpec, load_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -46,11 +48,24 @@ def fake_trainable_factory():
     return fake
 
 
-def test_smoke_sweep_trains_every_variant_and_writes_report_and_tensorboard(local_ray, tmp_path):
+def test_smoke_sweep_trains_every_variant_and_writes_report_and_tensorboard(
+    local_ray, tmp_path, monkeypatch, validation_calls
+):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    spec = apply_overrides(load_spec(preset="smoke"), fixed=TINY)
-    outcome = run_sweep(spec, storage=tmp_path, name="smoke")
+    outcomes = []
+
+    def keep_outcome(*args, **kwargs):  # a spy: the real run_sweep, its outcome kept for the checks below
+        outcomes.append(run_sweep(*args, **kwargs))
+        return outcomes[-1]
+
+    monkeypatch.setattr(cli_sweep, "run_sweep", keep_outcome)
+    sets = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+    code = cli_sweep.main(["run", "--preset", "smoke", *sets, "--storage", str(tmp_path), "--name", "smoke"])
+    # parsed and validated once in the driver (the trials' own checks run in Ray's workers)
+    assert validation_calls == {"check_options": 1, "check_config": 5}
+    outcome, = outcomes
+    assert code == 0
     exp = outcome.experiment_dir
     assert exp == (tmp_path / "smoke").resolve()
     assert outcome.num_errors == 0, [r.error for r in outcome.report.records]
@@ -81,17 +96,18 @@ def test_smoke_sweep_trains_every_variant_and_writes_report_and_tensorboard(loca
     for name in ("acc_vs_gmacs.png", "acc_vs_peak_memory.png", "throughput.png", "learning_curves.png"):
         assert (exp / "plots" / name).stat().st_size > 5000
     marker = json.loads((exp / "vitsweep_experiment.json").read_text())
-    assert marker["source"] == "preset:smoke" and marker["spec"]["fixed"]["depth"] == 2
+    assert marker["source"] == "preset:smoke" and marker["spec"]["fixed"]["depth"] == 2 and marker["validated"]
 
 
 def test_asha_stops_weak_trials_and_the_table_says_so(local_ray, tmp_path):
-    spec = SweepSpec.from_dict({
+    resolved = load_sweep({
         "fixed": {"model": "vit_tiny_patch16_224", "pretrained": False, "pretrained_tag": None, "img_size": 32,
                   "patch_size": 4, "data": "synthetic:classes=5,size=32,n=40,n_val=20", "epochs": 4},
         "search": {"lr": {"grid": [3e-3, 1e-3, 3e-4, 1e-4]}},  # the best first: later ones fall below the rung cutoff
         "scheduler": "asha", "asha": {"grace_period": 1, "reduction_factor": 2}, "max_concurrent": 1,
     })
-    outcome = run_sweep(spec, storage=tmp_path, name="asha", trainable=fake_trainable_factory())
+    assert resolved.max_epochs == 4 and resolved.make_scheduler()._max_t == 4
+    outcome = run_sweep(resolved, storage=tmp_path, name="asha", trainable=fake_trainable_factory())
     by_lr = {r.config["lr"]: r for r in outcome.report.records}
     assert by_lr[3e-3].status == "finished" and by_lr[3e-3].epochs_run == 4
     stopped = [lr for lr, r in by_lr.items() if r.status == "stopped early (ASHA)"]
@@ -102,7 +118,7 @@ def test_asha_stops_weak_trials_and_the_table_says_so(local_ray, tmp_path):
 
 
 def test_optuna_searcher_runs_conditional_trials_through_the_tuner(local_ray, tmp_path):
-    spec = SweepSpec.from_dict({
+    spec = SweepSpec.from_dict({  # a SweepSpec (the Python API before load_sweep) is resolved by run_sweep
         "fixed": {"model": "vit_tiny_patch16_224", "pretrained": False, "pretrained_tag": None, "img_size": 32,
                   "patch_size": 4, "data": "synthetic:classes=5,size=32,n=40,n_val=20", "epochs": 2},
         "search": {"lr": {"loguniform": [1e-4, 1e-2]}},

@@ -4,10 +4,10 @@
 loaded on first use, so `search_spaces` can share the layout without loading Ray.
 """
 
-from .layout import ARCH_KEY, LABEL_KEY, SEARCH_KEY, flatten_trial_config, trial_label
+from .layout import ARCH_KEY, LABEL_KEY, RUN_SUBDIR, SEARCH_KEY, flatten_trial_config, trial_label
 
-__all__ = ["ARCH_KEY", "LABEL_KEY", "SEARCH_KEY", "TuneReportCallback", "flatten_trial_config", "reportable",
-           "train_vit", "trial_label"]
+__all__ = ["ARCH_KEY", "LABEL_KEY", "RUN_SUBDIR", "SEARCH_KEY", "TuneReportCallback", "flatten_trial_config",
+           "reportable", "train_vit", "trial_label"]
 
 
 def __getattr__(name: str):

@@ -9,24 +9,20 @@ subdirectory, because Tune itself writes ``result.json`` (its JSON-lines log) in
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import shutil
 import tempfile
 from typing import Any, Dict, Sequence
 
-import torch
 from ray import tune
 
 from finetune.callbacks import Callback, TrainState
 from finetune.checkpoint import save_checkpoint
 from finetune.config import TrainConfig
-from finetune.train import run_training
+from finetune.train import release_device_memory, run_training
 
-from .layout import LABEL_KEY, ARCH_KEY, flatten_trial_config
-
-RUN_SUBDIR = "run"
+from .layout import ARCH_KEY, LABEL_KEY, RUN_SUBDIR, flatten_trial_config
 
 
 def reportable(metrics: Dict[str, Any]) -> Dict[str, Any]:
@@ -101,11 +97,5 @@ def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> Non
     finally:
         if restore_dir is not None:
             shutil.rmtree(restore_dir, ignore_errors=True)
-        release_memory()
-
-
-def release_memory() -> None:
-    """Return cached GPU memory before the trial's actor goes (reuse_actors=False ends the process too)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        # Return cached GPU memory before the next trial (a reused actor) or before the actor goes.
+        release_device_memory()

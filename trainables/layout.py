@@ -5,6 +5,7 @@
 
 ``arch`` is one variant block chosen by the searcher (its keys override the top level); ``_label``
 names the block in reports; ``_search`` holds Optuna's raw suggestions and is ignored here.
+Nothing here imports Ray, so reports read trial directories without it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any, Dict
 ARCH_KEY = "arch"
 LABEL_KEY = "_label"
 SEARCH_KEY = "_search"
+# A trial's own run outputs (result.json, weights, tb/) go to <trial dir>/run/: Tune writes its own
+# result.json in the trial directory.
+RUN_SUBDIR = "run"
 
 
 def flatten_trial_config(config: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,20 +1,20 @@
 """Named sweeps, big_vision style: each preset composes the variant modules and the optimiser space in
 a few lines. YAML files in this directory are presets too (``--preset smoke_asha`` reads
 ``smoke_asha.yaml``); any other YAML file is passed with ``--config FILE`` (schema: `search_spaces.spec`).
+Both give the raw mapping; `search_spaces.load_sweep` parses and validates it.
 """
 
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import yaml
 
-from finetune.config import ConfigError
+from finetune.errors import ConfigError
 
-from .. import atrous_linear, linformer, nystrom, optim, performer, softmax
-from ..spec import SweepSpec
+from .. import optim, variants
 
 PRESET_DIR = Path(__file__).parent
 
@@ -33,11 +33,11 @@ def smoke() -> dict:
             "device": "auto", "precision": "fp32",
         },
         "variants": [
-            softmax.block(),
-            linformer.block(ranks=(16,)),
-            performer.block(features=(32,)),
-            nystrom.block(landmarks=(16,)),
-            atrous_linear.block(dilations=((1, 2, 3),), window=3, features=16),
+            variants.block("softmax"),
+            variants.block("linformer", rank=(16,)),
+            variants.block("performer", features=(32,)),
+            variants.block("nystrom", landmarks=(16,)),
+            variants.block("atrous_linear", dilation=((1, 2, 3),), window=(3,), features=(16,)),
         ],
         "seeds": [0],
         "searcher": "grid",
@@ -58,10 +58,10 @@ def imagenet100() -> dict:
         },
         "search": optim.grid(lr=(5e-4, 1e-3)),
         "variants": [
-            softmax.block(),
-            linformer.block(ranks=(64, 128)),
-            performer.block(features=(64, 128)),
-            nystrom.block(landmarks=(32, 64)),
+            variants.block("softmax"),
+            variants.block("linformer", rank=(64, 128)),
+            variants.block("performer", features=(64, 128)),
+            variants.block("nystrom", landmarks=(32, 64)),
             atrous_linear.block(dilations=((1, 2, 3), (1, 2)), window=3, features=64),
         ],
         "seeds": [0, 1, 2],
@@ -77,11 +77,11 @@ def scaling() -> dict:
     spec["fixed"] = {**spec["fixed"], "epochs": 10, "batch_size": 64, "lr": 1e-3}
     spec["search"] = {"img_size": {"grid": [224, 320, 448]}}
     spec["variants"] = [
-        softmax.block(),
-        linformer.block(ranks=(128,)),
-        performer.block(features=(128,)),
-        nystrom.block(landmarks=(64,)),
-        atrous_linear.block(dilations=((1, 2, 3),), window=3, features=64),
+        variants.block("softmax"),
+        variants.block("linformer", rank=(128,)),
+        variants.block("performer", features=(128,)),
+        variants.block("nystrom", landmarks=(64,)),
+        variants.block("atrous_linear", dilation=((1, 2, 3),), window=(3,), features=(64,)),
     ]
     spec["seeds"] = [0]
     return spec
@@ -94,9 +94,9 @@ def optuna_smoke() -> dict:
     spec["fixed"] = {k: v for k, v in spec["fixed"].items() if k not in ("lr", "weight_decay", "warmup_epochs")}
     spec["search"] = optim.space(lr=(1e-4, 3e-3), warmup_epochs=(0.0, 0.5))
     spec["variants"] = [
-        softmax.block(),
-        linformer.block(ranks=(8, 16, 32)),
-        performer.block(features=(16, 32)),
+        variants.block("softmax"),
+        variants.block("linformer", rank=(8, 16, 32)),
+        variants.block("performer", features=(16, 32)),
         atrous_linear.block(dilations=((1, 2, 3), (1, 1, 2)), window=3, features=16),
     ]
     spec["searcher"] = "optuna"
@@ -116,26 +116,25 @@ def preset_names() -> List[str]:
     return sorted(set(PRESETS) | {p.stem for p in PRESET_DIR.glob("*.yaml")})
 
 
-def get_preset(name: str) -> SweepSpec:
-    """A preset by name (Python function or YAML file in this directory)."""
+def preset_values(name: str) -> Any:
+    """A preset by name (Python function or YAML file in this directory), in the `SweepSpec` schema."""
     if name in PRESETS:
-        return SweepSpec.from_dict(PRESETS[name](), source=f"preset:{name}")
+        return PRESETS[name]()
     path = PRESET_DIR / f"{name}.yaml"
     if path.is_file():
-        return load_config_file(path, source=f"preset:{name}")
+        return read_sweep_file(path)
     names = preset_names()
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(f"unknown preset {name!r}{hint}; available: {', '.join(names)}")
 
 
-def load_config_file(path: str | Path, source: str | None = None) -> SweepSpec:
-    """A sweep from a YAML file (schema in `search_spaces.spec`)."""
+def read_sweep_file(path: str | Path) -> Any:
+    """The YAML document of a sweep file (schema in `search_spaces.spec`; `SweepSpec.from_dict` checks it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {str(path)!r}: no such file")
     try:
-        values = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"--config {str(path)!r} is not valid YAML: {err}") from err
-    return SweepSpec.from_dict(values, source=source or f"config:{path.resolve()}")
