@@ -62,7 +62,7 @@ def imagenet100() -> dict:
             variants.block("linformer", rank=(64, 128)),
             variants.block("performer", features=(64, 128)),
             variants.block("nystrom", landmarks=(32, 64)),
-            atrous_linear.block(dilations=((1, 2, 3), (1, 2)), window=3, features=64),
+            variants.block("atrous_linear", dilation=((1, 2, 3), (1, 2)), window=(3,), features=(64,)),
         ],
         "seeds": [0, 1, 2],
         "resources": {"cpu": 8, "gpu": 1},
@@ -97,7 +97,7 @@ def optuna_smoke() -> dict:
         variants.block("softmax"),
         variants.block("linformer", rank=(8, 16, 32)),
         variants.block("performer", features=(16, 32)),
-        atrous_linear.block(dilations=((1, 2, 3), (1, 1, 2)), window=3, features=16),
+        variants.block("atrous_linear", dilation=((1, 2, 3), (1, 1, 2)), window=(3,), features=(16,)),
     ]
     spec["searcher"] = "optuna"
     spec["num_samples"] = 8
