@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli_sweep import main as sweep_main
-from orchestrator.report import ReportError, build_rows, collect_trials, pareto_front, write_report
+from finetune.errors import ReportError
+from orchestrator.plots import pareto_front
+from orchestrator.report import write_report
+from orchestrator.results import collect_trials
+from orchestrator.tables import build_rows
 from trainables.finetune_trainable import reportable
 
 
@@ -40,11 +44,23 @@ def make_experiment(root: Path, trials, scheduler="fifo") -> Path:
         if run_status:
             (tdir / "run").mkdir()
             (tdir / "run" / "result.json").write_text(json.dumps({"status": run_status, "history": rows}))
-        trial = {"trial_id": trial_id, "config": config, "status": status, "relative_logdir": tdir.name}
-        runtime = {"num_failures": 1 if error else 0, "error_filename": "error.txt" if error else None}
-        data.append([json.dumps(trial), json.dumps(runtime)])
+        data.append(_tune_trial_state(exp, trial_id, config, status, tdir.name, error))
     (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": data}))
     return exp
+
+
+def _tune_trial_state(exp: Path, trial_id, config, status, dir_name, error):
+    """One trial of Tune's experiment state, serialised by Ray's own `Trial` (no Ray instance)."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    storage = StorageContext(storage_path=str(exp.parent), experiment_dir_name=exp.name, trial_dir_name=dir_name)
+    trial = Trial("train_vit", config=config, trial_id=trial_id, storage=storage, stub=True)
+    trial.create_placement_group_factory()
+    trial.set_status(status)
+    trial.run_metadata.num_failures = 1 if error else 0
+    trial.run_metadata.error_filename = "error.txt" if error else None
+    return list(trial.get_json_state())
 
 
 def cfg(variant, seed=0, lr=1e-3, epochs=3, **arch):
@@ -76,12 +92,12 @@ def test_rows_group_seeds_and_say_each_status(experiment):
     assert soft.cell("acc1") == "0.600 ± 0.141"
     assert soft.values["status"] == "finished" and soft.best
     assert soft.cell("peak_mem_mb") == "n/a (CPU)" and soft.cell("params_m") == "5.400"
-    assert rows[("linformer", "rank=16")].values["status"] == "stopped early (ASHA)"
-    assert rows[("linformer", "rank=16")].values["epochs"] == "1"
-    assert rows[("linformer", "rank=8")].best and not rows[("linformer", "rank=16")].best
-    assert rows[("performer", "features=16")].values["status"] == "errored: RuntimeError: boom"
-    assert rows[("nystrom", "landmarks=8")].values["status"] == "diverged"
-    assert not rows[("nystrom", "landmarks=8")].best  # a diverged run is never "best"
+    assert rows[("linformer", "linformer k=16")].values["status"] == "stopped early (ASHA)"
+    assert rows[("linformer", "linformer k=16")].values["epochs"] == "1"
+    assert rows[("linformer", "linformer k=8")].best and not rows[("linformer", "linformer k=16")].best
+    assert rows[("performer", "performer m=16")].values["status"] == "errored: RuntimeError: boom"
+    assert rows[("nystrom", "nystrom m=8")].values["status"] == "diverged"
+    assert not rows[("nystrom", "nystrom m=8")].best  # a diverged run is never "best"
 
 
 def test_write_report_files(experiment):
@@ -138,3 +154,36 @@ def test_empty_config_trials_are_not_vitsweep_trials(tmp_path):
     from trainables.finetune_trainable import train_vit
 
     assert train_vit({}) is None  # returns before touching Tune's context or building anything
+
+
+def test_configuration_is_the_variant_label_then_other_varying_keys(tmp_path):
+    done = [_epoch(1, 0.5, status="finished")]
+    exp = make_experiment(tmp_path, [
+        ("t0", cfg("softmax", lr=1e-3, epochs=1), "TERMINATED", done, None, "finished"),
+        ("t1", cfg("softmax", lr=2e-3, epochs=1), "TERMINATED", done, None, "finished"),
+        ("t2", cfg("atrous_linear", lr=1e-3, epochs=1, dilation=[1, 2, 3], window=3, features=16), "TERMINATED",
+         done, None, "finished"),
+    ])
+    configs = sorted(r.values["config"] for r in build_rows(collect_trials(exp)))
+    assert configs == ["atrous_linear dil=1,2,3 w=3 m=16, lr=0.001", "lr=0.001", "lr=0.002"]
+
+
+def test_a_retried_trial_keeps_the_epochs_tune_rewrote(tmp_path):
+    """Tune's log of a retried trial restarts; the run's own result.json still has every epoch."""
+    rows = [_epoch(1, 0.2), _epoch(2, 0.3), _epoch(3, 0.4, status="finished")]
+    tune_log = [rows[1], {**rows[2], "train/loss": float("nan")}]  # Tune's JSON log may hold NaN
+    exp = make_experiment(tmp_path, [("t0", cfg("softmax"), "TERMINATED", tune_log, "RuntimeError: once", None)])
+    run = exp / "t0_dir" / "run"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"status": "finished", "history": rows}))
+    (record,) = collect_trials(exp)
+    assert [h["epoch"] for h in record.history] == [1, 2, 3]
+    assert record.history[0]["val/acc1"] == 0.2 and record.history[2]["train/loss"] is None
+    assert record.status == "finished" and record.num_failures == 1 and record.error is None
+
+
+def test_trial_folders_without_tune_state(experiment):
+    next(experiment.glob("experiment_state-*.json")).unlink()
+    statuses = {r.trial_id: r.status for r in collect_trials(experiment)}
+    assert statuses["t0_dir"] == "finished" and statuses["t4_dir"] == "errored: RuntimeError: boom"
+    assert statuses["t3_dir"] == "stopped early (ASHA)"  # the folder name is the only trial id there

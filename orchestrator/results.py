@@ -1,0 +1,155 @@
+"""Every trial of an experiment directory, read from disk without starting Ray.
+
+Ray's `ExperimentAnalysis` gives each trial's id, directory, config, status, failure count and error
+text. vitsweep adds what Ray does not keep: the per-epoch history merged with the run's own
+``run/result.json`` (it survives a retry), a one-line error reason, and the trial's outcome (finished,
+stopped early, errored, diverged, unfinished).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+from finetune.errors import ReportError
+from finetune.io_utils import json_safe
+from trainables.layout import RUN_SUBDIR, flatten_trial_config, trial_label
+
+MARKER = "vitsweep_experiment.json"
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    path: Path
+    label: str
+    config: Dict[str, Any]
+    status: str
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    error: Optional[str] = None
+    num_failures: int = 0
+
+    @property
+    def final(self) -> Dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+    @property
+    def epochs_run(self) -> int:
+        return int(self.final.get("epoch") or 0)
+
+
+@dataclass
+class _TuneTrial:
+    """What Tune knows of one trial; `error_text` is the full text of its error file, if any."""
+
+    trial_id: str
+    path: Path
+    config: Dict[str, Any]
+    status: str
+    error_text: Optional[str]
+    num_failures: int
+
+
+def _read_json_lines(path: Path) -> List[Dict[str, Any]]:
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed driver; the complete lines still count
+    return rows
+
+
+def _read_run_result(trial_dir: Path) -> Dict[str, Any]:
+    path = trial_dir / RUN_SUBDIR / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _history(trial_dir: Path, run_result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Per-epoch reports, one per epoch; a restored trial may report an epoch twice: the last wins.
+
+    Tune rewrites its JSON log when it retries a failed trial, so the epochs before the retry survive
+    only in the run's own ``run/result.json`` (its history includes the epochs restored from the
+    checkpoint); both are read, Tune's rows over the run's. Tune's log is read here line by line, not
+    through `ExperimentAnalysis.trial_dataframes`: that drops a trial's whole log for one line cut short
+    by a killed driver, and turns None into NaN and integers into floats. Non-finite numbers are None.
+    """
+    by_epoch: Dict[Any, Dict[str, Any]] = {row.get("epoch"): row for row in run_result.get("history", [])}
+    for row in _read_json_lines(trial_dir / "result.json"):
+        by_epoch[row.get("epoch", row.get("training_iteration"))] = row
+    return [json_safe(by_epoch[k]) for k in sorted(by_epoch, key=lambda e: (e is None, e))]
+
+
+def _error_reason(error_text: Optional[str]) -> str:
+    lines = [l.strip() for l in (error_text or "").splitlines() if l.strip()]
+    return lines[-1][:200] if lines else "unknown error (no error file)"
+
+
+def _classify(status: str, history: List[Dict[str, Any]], config: Dict[str, Any], scheduler: str,
+              error: Optional[str], run_status: Optional[str]) -> str:
+    last = history[-1] if history else {}
+    if status == "ERROR":
+        return f"errored: {error}"
+    if last.get("status") == "diverged" or run_status == "diverged":
+        return "diverged"
+    epochs = config.get("epochs")
+    if run_status == "finished" or (epochs is not None and last.get("epoch") == epochs):
+        return "finished"
+    if status == "TERMINATED":
+        return "stopped early (ASHA)" if scheduler == "asha" else "stopped early"
+    return "unfinished"
+
+
+def _tune_trials(exp_dir: Path) -> Iterator[_TuneTrial]:
+    """The trials of Tune's experiment state, through Ray's public reader (it starts no Ray instance).
+
+    Ray unpickles parts of that state, among them a reference to `orchestrator.sweep.trial_dirname`:
+    report only directories you trust (as for resume), and keep that function's name."""
+    from ray.tune import ExperimentAnalysis
+
+    for trial in ExperimentAnalysis(str(exp_dir)).trials:
+        yield _TuneTrial(trial.trial_id, Path(trial.path), trial.config, trial.status,
+                         trial.get_error(), int(trial.num_failures or 0))
+
+
+def _copied_trials(exp_dir: Path) -> Iterator[_TuneTrial]:
+    """Trial folders without Tune's experiment state (copied): statuses come from the run outputs alone."""
+    for params in sorted(exp_dir.glob("*/params.json")):
+        error_file = params.parent / "error.txt"
+        error_text = error_file.read_text() if error_file.is_file() else None
+        yield _TuneTrial(params.parent.name, params.parent, json.loads(params.read_text()),
+                         "ERROR" if error_text is not None else "TERMINATED", error_text, 0)
+
+
+def collect_trials(exp_dir: str | Path) -> List[TrialRecord]:
+    """Every trial of the experiment in `exp_dir`, read from disk."""
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        raise ReportError(f"{str(exp_dir)!r} is not a directory")
+    marker = exp_dir / MARKER
+    scheduler = json.loads(marker.read_text()).get("spec", {}).get("scheduler", "fifo") if marker.is_file() else "fifo"
+    has_state = any(exp_dir.glob("experiment_state-*.json"))
+    trials = list(_tune_trials(exp_dir) if has_state else _copied_trials(exp_dir))
+    if not trials:
+        raise ReportError(f"{str(exp_dir)!r} holds no trials (is it a Ray Tune experiment directory?)")
+
+    records = []
+    for trial in trials:
+        if not trial.config:  # an empty-config trial from Ray's restored generator (see trainables.train_vit)
+            continue
+        run_result = _read_run_result(trial.path)
+        history = _history(trial.path, run_result)
+        flat = flatten_trial_config(trial.config)
+        error = _error_reason(trial.error_text) if trial.status == "ERROR" else None
+        records.append(TrialRecord(
+            trial_id=trial.trial_id, path=trial.path, label=trial_label(trial.config), config=flat,
+            status=_classify(trial.status, history, flat, scheduler, error, run_result.get("status")),
+            history=history, error=error, num_failures=trial.num_failures,
+        ))
+    return records
