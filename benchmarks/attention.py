@@ -32,19 +32,27 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from finetune.models.attention import attention_layer
+from finetune.errors import AttentionConfigError
+from finetune.models.attention import attention_layer, builtin_variants, get_attention_class
 from finetune.models.attention.cost import attention_flops
+from finetune.models.attention.flags import add_hparam_arguments
 
 DEFAULT_TOKENS = (197, 577, 1025, 2305, 3137)
-OUR_VARIANTS = ("softmax", "linformer", "performer", "nystrom", "atrous_linear")
-REFERENCES = {"ref_linformer": "linformer", "ref_performer": "performer_pytorch", "ref_nystrom": "nystrom_attention"}
+OUR_VARIANTS = builtin_variants()
+# reference name: (PyPI module, our variant it mirrors)
+REFERENCES = {
+    "ref_linformer": ("linformer", "linformer"),
+    "ref_performer": ("performer_pytorch", "performer"),
+    "ref_nystrom": ("nystrom_attention", "nystrom"),
+}
 
 
 @dataclass
 class Case:
     name: str
     build: Callable[[], torch.nn.Module]
-    flops: Optional[int]  # analytic core FLOPs per image (ours only)
+    flops: Optional[int]  # analytic core FLOPs per image (ours, where the variant declares a cost)
+    hparams: Dict  # the variant's hyperparameters, defaults filled in (references: ours they mirror)
 
 
 def grid_for(tokens: int) -> int:
@@ -54,47 +62,50 @@ def grid_for(tokens: int) -> int:
     return side
 
 
+def variant_hparams_from_args(variant: str, args: argparse.Namespace) -> Dict:
+    """The hyperparameters given as flags that `variant` declares (the rest stay its defaults)."""
+    cls = get_attention_class(variant)
+    return cls.check_hparams({k: getattr(args, k) for k in cls.hparams if hasattr(args, k)})
+
+
 def _our_case(variant: str, args: argparse.Namespace, tokens: int) -> Case:
     side = grid_for(tokens)
-    hp = {
-        "softmax": {},
-        "linformer": {"rank": args.rank},
-        "performer": {"features": args.features},
-        "nystrom": {"landmarks": args.landmarks},
-        "atrous_linear": {"features": args.features, "window": args.window, "dilation": tuple(args.dilation)},
-    }[variant]
+    hp = variant_hparams_from_args(variant, args)
     layer = attention_layer(variant, grid_size=(side, side), num_prefix_tokens=1, **hp)
     head_dim = args.dim // args.heads
     return Case(
         variant,
         lambda: layer(args.dim, num_heads=args.heads, qkv_bias=True),
         attention_flops(variant, tokens, head_dim, args.heads, **hp),
+        get_attention_class(variant).resolve_hparams(hp),
     )
 
 
 def _reference_case(name: str, args: argparse.Namespace, tokens: int) -> Case:
     head_dim = args.dim // args.heads
+    ours = REFERENCES[name][1]
+    hp = get_attention_class(ours).resolve_hparams(variant_hparams_from_args(ours, args))
     if name == "ref_linformer":
         from linformer import LinformerSelfAttention
 
         build = lambda: LinformerSelfAttention(  # noqa: E731
-            dim=args.dim, seq_len=tokens, k=args.rank, heads=args.heads, dim_head=head_dim
+            dim=args.dim, seq_len=tokens, k=hp["rank"], heads=args.heads, dim_head=head_dim
         )
     elif name == "ref_performer":
         from performer_pytorch import SelfAttention
 
         build = lambda: SelfAttention(  # noqa: E731
-            dim=args.dim, heads=args.heads, dim_head=head_dim, nb_features=args.features, causal=False
+            dim=args.dim, heads=args.heads, dim_head=head_dim, nb_features=hp["features"], causal=False
         )
     elif name == "ref_nystrom":
         from nystrom_attention import NystromAttention
 
         build = lambda: NystromAttention(  # noqa: E731
-            dim=args.dim, dim_head=head_dim, heads=args.heads, num_landmarks=args.landmarks, residual=False
+            dim=args.dim, dim_head=head_dim, heads=args.heads, num_landmarks=hp["landmarks"], residual=False
         )
     else:
-        raise ValueError(name)
-    return Case(name, build, None)
+        raise KeyError(name)
+    return Case(name, build, None, hp)
 
 
 def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
@@ -129,7 +140,7 @@ def measure(args: argparse.Namespace) -> Dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    references = [r for r in REFERENCES if args.reference and importlib.util.find_spec(REFERENCES[r]) is not None]
+    references = [r for r in REFERENCES if args.reference and importlib.util.find_spec(REFERENCES[r][0]) is not None]
     results: List[Dict] = []
     for tokens in args.tokens:
         torch.manual_seed(0)
@@ -176,6 +187,7 @@ def measure(args: argparse.Namespace) -> Dict:
                     "memory_mb": memory[case.name] / 2**20,
                     "memory_ratio_vs_sdpa": memory[case.name] / max(memory[base_name], 1),
                     "core_gflops_per_image": None if case.flops is None else case.flops / 1e9,
+                    "hparams": {k: list(v) if isinstance(v, tuple) else v for k, v in case.hparams.items()},
                 }
             )
         print(f"  N={tokens}: done", file=sys.stderr, flush=True)
@@ -215,7 +227,8 @@ def format_table(report: Dict) -> str:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vitsweep bench attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS), help="sequence lengths (1 + square)")
-    p.add_argument("--variants", nargs="+", default=list(OUR_VARIANTS), choices=OUR_VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(OUR_VARIANTS), metavar="VARIANT",
+                   help=f"built-in ({', '.join(OUR_VARIANTS)}) or plug-in import paths 'package.module:ClassName'")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dim", type=int, default=384, help="embedding width (ViT-S: 384)")
     p.add_argument("--heads", type=int, default=6, help="heads (ViT-S: 6, head width 64)")
@@ -224,16 +237,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed, interleaved repeats (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--rank", type=int, default=64, help="linformer k")
-    p.add_argument("--features", type=int, default=64, help="performer / atrous_linear m")
-    p.add_argument("--landmarks", type=int, default=32, help="nystrom m")
-    p.add_argument("--window", type=int, default=3, help="atrous_linear window")
-    p.add_argument("--dilation", type=int, nargs="+", default=[1, 2, 3], help="atrous_linear rates")
+    add_hparam_arguments(p.add_argument_group("variant hyperparameters (unset: each variant's default)"))
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the PyPI reference packages")
     p.add_argument("--out", help="write the full report (all timings) as JSON here")
     args = p.parse_args(argv)
     for n in args.tokens:
         grid_for(n)
+    for variant in args.variants:
+        try:
+            variant_hparams_from_args(variant, args)
+        except AttentionConfigError as err:
+            p.error(str(err))
     if args.dim % args.heads:
         p.error(f"--dim {args.dim} is not divisible by --heads {args.heads}")
     return args

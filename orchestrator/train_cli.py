@@ -17,12 +17,13 @@ import yaml
 from finetune.config import DEFAULT_MODEL, DEFAULT_PRETRAINED_TAG, PRECISIONS, VARIANTS, TrainConfig
 from finetune.errors import ConfigError
 from finetune.models.attention import declared_hparams
+from finetune.models.attention.flags import add_hparam_arguments
 
 S = argparse.SUPPRESS
 
 
 def add_attention_options(group) -> None:
-    """One flag per hyperparameter name of the registered variants (shared names: one flag)."""
+    """--variant, --attn KEY=VALUE, and one flag per hyperparameter name of the registered variants."""
     group.add_argument(
         "--variant", default=S, metavar="NAME|MODULE:CLASS",
         help=f"attention mechanism: {', '.join(VARIANTS)} (default softmax), or a plug-in's import path "
@@ -33,29 +34,7 @@ def add_attention_options(group) -> None:
         help="a hyperparameter of the variant, VALUE in YAML (e.g. --attn dilation=[1,2]); repeatable; "
         "the way to set a plug-in's hyperparameters",
     )
-    for name, owners in declared_hparams().items():
-        hp = owners[0][1]
-        helps = "; ".join(f"{variant}: {h.help}" for variant, h in owners)
-        if len({_default_text(h.default) for _, h in owners}) == 1:
-            defaults = _default_text(hp.default)
-        else:
-            defaults = ", ".join(f"{variant} {_default_text(h.default)}" for variant, h in owners)
-        kwargs: Dict[str, Any] = {"default": S, "dest": name, "help": f"{helps} (default {defaults})"}
-        if hp.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = hp.type
-            if all(h.choices is not None for _, h in owners):
-                kwargs["choices"] = tuple(dict.fromkeys(c for _, h in owners for c in h.choices))
-            if hp.sequence:
-                kwargs["nargs"] = "+"
-        group.add_argument("--" + name.replace("_", "-"), **kwargs)
-
-
-def _default_text(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return " ".join(str(v) for v in value)
-    return "off" if value is None else str(value)
+    add_hparam_arguments(group)
 
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
