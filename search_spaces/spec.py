@@ -15,8 +15,8 @@ here through `SweepSpec.from_dict`, so they share one schema and one validator:
       epochs: 3
     search:                        # shared domains (every variant): {grid|choice: [...]},
       lr: {loguniform: [1.0e-4, 3.0e-3]}   # {uniform|loguniform|randint: [low, high]}
-    variants:                      # a name, or a block with the variant's own fixed values / domains
-      - softmax
+    variants:                      # a name, or a block with the variant's own fixed values / domains;
+      - softmax                    # a plug-in is named by import path, e.g. {variant: "my_pkg.mod:MyAttention"}
       - {variant: linformer, search: {rank: {grid: [16, 32]}}}
       - {variant: atrous_linear, fixed: {window: 3}, search: {dilation: {choice: [[1, 2], [1, 2, 3]]}}}
     seeds: [0, 1, 2]               # every configuration is run once per seed (grouped in the report)
@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 from finetune.errors import AttentionConfigError, ConfigError
-from finetune.models.attention import get_attention_class
+from finetune.models.attention import get_attention_class, variant_label
 
 from .domains import Domain
 
@@ -129,7 +129,8 @@ class VariantBlock:
         if "variant" in fixed or "variant" in (value.get("search") or {}):
             raise ConfigError(f"variants[{index}]: set the variant with 'variant:', not inside fixed/search")
         search = _split(f"variants[{index}].search", value.get("search"))
-        return cls(variant=variant, fixed=fixed, search=search, label=value.get("label") or variant)
+        # Default label: the variant's name (a plug-in's class name).
+        return cls(variant=variant, fixed=fixed, search=search, label=value.get("label") or variant_label(variant, {}))
 
     def to_dict(self) -> Dict[str, Any]:
         return {

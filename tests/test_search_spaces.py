@@ -151,6 +151,33 @@ def test_unknown_variant_is_named():
         spec_of(variants=[{"variant": 3}])
 
 
+PLUGIN = """
+from finetune.models.attention import AttentionBase, HParam, softmax_attention
+
+
+class MyAttention(AttentionBase):
+    hparams = {"myparam": HParam(int, 1, "a test knob", minimum=1)}
+
+    def __init__(self, *args, myparam: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.myparam = myparam
+
+    def attend(self, q, k, v):
+        return softmax_attention(q, k, v)
+"""
+
+
+def test_a_plugin_variant_is_swept_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "sweep_plugin_attention.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin = {"variant": "sweep_plugin_attention:MyAttention", "search": {"myparam": {"grid": [1, 2]}}}
+    resolved = resolve(variants=["softmax", plugin])
+    assert [b.label for b in resolved.spec.variants] == ["softmax", "MyAttention"]
+    assert resolved.num_trials == 3 and len(resolved.checked_configs) == 3
+    with pytest.raises(ConfigError, match=r"variant 'MyAttention' with myparam=0: .*myparam=0 must be an integer >= 1"):
+        resolve(variants=[{**plugin, "search": {"myparam": {"grid": [0, 2]}}}])
+
+
 def test_sections_that_are_not_mappings_are_named():
     with pytest.raises(ConfigError, match=r"fixed must be a mapping of TrainConfig keys, got \['epochs'\]"):
         SweepSpec.from_dict({"fixed": ["epochs"]})
