@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .errors import AttentionConfigError, ConfigError
-from .models.attention import AttentionBase, builtin_variants, declared_hparams, get_attention_class
+from .models.attention import builtin_variants, declared_hparams, get_attention_class
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENTS = ("timm", "none")
@@ -90,7 +90,7 @@ class TrainConfig:
         """
         names = cls.field_names()
         variant = values.get("variant", "softmax")
-        attn_cls = _variant_class(variant)
+        attn_cls = get_attention_class(variant)
         attn = values.get("attn") or {}
         if not isinstance(attn, Mapping):
             raise AttentionConfigError(f"attn={attn!r} must be a mapping of the variant's hyperparameters")
@@ -130,7 +130,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Checks that need no model or data (geometry checks: `finetune.train.check_config`).
         Normalises `attn` to the variant's canonical values (ints, floats, tuples)."""
-        attn_cls = _variant_class(self.variant)
+        attn_cls = get_attention_class(self.variant)
         if not isinstance(self.attn, Mapping):
             raise AttentionConfigError(f"attn={self.attn!r} must be a mapping of the variant's hyperparameters")
         clash = sorted(set(attn_cls.hparams) & set(self.field_names()))
@@ -186,14 +186,9 @@ class TrainConfig:
 
     def attention_hparams(self) -> Dict[str, Any]:
         """The variant's hyperparameters that are set, validated (the rest are the class's defaults)."""
-        return _variant_class(self.variant).check_hparams(self.attn)
+        return get_attention_class(self.variant).check_hparams(self.attn)
 
 
-def _variant_class(variant: Any) -> Type[AttentionBase]:
-    try:
-        return get_attention_class(variant)
-    except AttentionConfigError as err:
-        raise AttentionConfigError(f"variant={variant!r}: {err}") from None
 
 
 def _normalise(key: str, value: Any) -> Any:

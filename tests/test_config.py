@@ -43,7 +43,7 @@ def test_flat_attention_keys_move_into_attn_or_are_ignored():
         ({"variant": "atrous_linear", "dilation": [1, "2"]}, "atrous_linear dilation='2' (in [1, '2']) must be an integer >= 1"),
         ({"variant": "atrous_linear", "dilation": "12"}, "atrous_linear dilation='12' must be a non-empty list"),
         ({"variant": "linformer", "attn": [16]}, "attn=[16] must be a mapping"),
-        ({"variant": "linformr"}, "variant='linformr': unknown attention variant 'linformr' (did you mean 'linformer'?)"),
+        ({"variant": "linformr"}, "unknown attention variant 'linformr' (did you mean 'linformer'?)"),
         ({"ranks": 16}, "'ranks' (did you mean 'rank'?)"),
     ],
 )
@@ -56,7 +56,7 @@ def test_bad_attention_values_name_variant_key_and_value(values, fragment):
 @pytest.mark.parametrize(
     "change, fragment",
     [
-        ({"variant": "softmx"}, "variant='softmx'"),
+        ({"variant": "softmx"}, "unknown attention variant 'softmx'"),
         ({"epochs": 0}, "epochs=0"),
         ({"batch_size": -4}, "batch_size=-4"),
         ({"lr": 0.0}, "lr=0.0"),

@@ -27,7 +27,7 @@ def _check_declaration(cls: Type[AttentionBase], variant: str) -> None:
     """A variant class must be a concrete AttentionBase with a well-formed `hparams` table."""
     if not (inspect.isclass(cls) and issubclass(cls, AttentionBase)):
         raise AttentionConfigError(
-            f"attention variant {variant!r} is {cls!r}, not a subclass of finetune.models.attention.AttentionBase"
+            f"attention variant {variant!r} is not a subclass of finetune.models.attention.AttentionBase ({cls!r})"
         )
     if inspect.isabstract(cls):
         raise AttentionConfigError(f"attention variant {variant!r} ({cls.__name__}) does not implement attend(q, k, v)")
