@@ -24,7 +24,7 @@ from .spec import SweepSpec
 from .tune_space import make_scheduler, make_searcher, param_space
 from .validate import check_trial_configs, validate_resources
 
-SweepSource = Union[str, "os.PathLike[str]", Mapping[str, Any], SweepSpec]
+SweepSource = Union[str, os.PathLike, Mapping[str, Any], SweepSpec]
 
 
 @dataclass(frozen=True)
