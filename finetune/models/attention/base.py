@@ -27,10 +27,12 @@ from torch import nn
 from ...errors import AttentionConfigError
 from .hparams import HParam
 
-# AttentionBase's own constructor keywords: no variant may declare a hyperparameter with these names.
+# AttentionBase's own constructor keywords and instance attributes: no variant may declare a
+# hyperparameter with these names (hyperparameters become attributes of the module).
 RESERVED = (
     "dim", "num_heads", "attn_head_dim", "dim_out", "qkv_bias", "qk_norm", "scale_norm", "proj_bias", "attn_drop",
     "proj_drop", "norm_layer", "grid_size", "num_prefix_tokens", "device", "dtype",
+    "head_dim", "attn_dim", "scale", "qkv", "q_norm", "k_norm", "norm", "proj", "fused_attn",
 )
 
 
