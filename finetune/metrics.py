@@ -1,4 +1,5 @@
-"""Metrics with the names fixed in DESIGN.md: accuracy, parameter counts, FLOPs, memory, throughput.
+"""Metrics under the names Ray, TensorBoard, result.json and the report share: accuracy, parameter
+counts, FLOPs, memory, throughput.
 
 Cost counters: `torch.utils.flop_counter.FlopCounterMode` (FLOPs; a multiply-add counts 2) and fvcore
 (MACs). Neither counts the CPU SDPA kernel, so counting switches timm's `fused_attn` off and runs the

@@ -2,7 +2,7 @@
 
 `check_config` runs every check that needs neither data nor training (the sweep driver calls it for
 each configuration before Ray starts); `run_training` is what `vitsweep train` and the Ray trainable
-call. Outputs under ``out_dir`` (DESIGN.md): result.json, weights.safetensors + weights.json, tb/,
+call. Outputs under ``out_dir``: result.json, weights.safetensors + weights.json, tb/,
 preprocessing.json, and checkpoint/ (latest epoch, for ``vitsweep train --resume``).
 """
 

@@ -16,7 +16,7 @@ one half right:
   global feature sum minus the window's own phi terms, so it costs no more than plain Performer.
 
 Both halves estimate the same softmax terms ``exp(s_ij)``, ``s_ij = q_i . k_j / sqrt(D)``, so they
-are added inside *one* normalisation (DESIGN.md)::
+are added inside *one* normalisation::
 
     num_i = sum_{j in W_r(i)} exp(s_ij) v_j + phi(q_i)^T sum_{j not in W_r(i)} phi(k_j) v_j^T
     den_i = sum_{j in W_r(i)} exp(s_ij)     + phi(q_i)^T sum_{j not in W_r(i)} phi(k_j)
