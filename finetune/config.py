@@ -189,8 +189,6 @@ class TrainConfig:
         return get_attention_class(self.variant).check_hparams(self.attn)
 
 
-
-
 def _normalise(key: str, value: Any) -> Any:
     """Coerce YAML/JSON/CLI shapes: lists to tuples, a single topk to a 1-tuple."""
     if key == "topk" and isinstance(value, int):
