@@ -16,7 +16,7 @@ import pickle
 import random
 import uuid
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 import numpy as np
 import safetensors.torch
@@ -31,6 +31,14 @@ FORMAT = "vitsweep-checkpoint"
 MODEL_FILE = "model.safetensors"  # names before tagged files (still read)
 STATE_FILE = "training_state.pt"
 META_FILE = "meta.json"
+# TrainConfig keys a resumed run may change: they do not change what the finished epochs computed.
+# `epochs` may only grow; the learning-rate schedule stays the checkpoint's (timm's scheduler state is
+# restored), so epochs beyond the original end run at min_lr.
+RESUMABLE_CHANGES = (
+    "epochs", "num_workers", "log_interval", "max_train_batches", "max_val_batches", "device", "compile",
+    "eval_at_start",
+)
+_TRAINING_KEYS = ("optimizer", "rng", "epoch", "global_step")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -109,8 +117,16 @@ def read_checkpoint(directory: str | Path) -> Dict[str, Any]:
         raise CheckpointError(f"{str(directory)!r} is not a vitsweep checkpoint: {META_FILE} is missing")
     meta = read_tagged_json(meta_path, FORMAT, "vitsweep checkpoint", CheckpointError)
     files = meta.get("files") or {"model": MODEL_FILE, "state": STATE_FILE}
+    sums = meta.get("sha256")
+    if not isinstance(files, dict) or not all(_plain_name(files.get(k)) for k in ("model", "state")):
+        raise CheckpointError(f"checkpoint {str(meta_path)!r}: 'files' must name the model and state files in its directory, not {files!r}")
+    if not isinstance(sums, dict) or not all(isinstance(sums.get(files[k]), str) for k in ("model", "state")):
+        raise CheckpointError(f"checkpoint {str(meta_path)!r} has no checksums (sha256) of its files; it cannot be verified")
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("epoch"), int):
+        raise CheckpointError(f"checkpoint {str(meta_path)!r} lacks its config or epoch")
     model_path, state_path = directory / files["model"], directory / files["state"]
-    for name, digest in meta.get("sha256", {}).items():
+    for name in (files["model"], files["state"]):
+        digest = sums[name]
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete: {name} is missing")
@@ -127,7 +143,40 @@ def read_checkpoint(directory: str | Path) -> Dict[str, Any]:
             f"checkpoint state {str(state_path)!r} is unreadable or holds non-tensor objects: "
             f"{str(err).splitlines()[0]}"
         ) from err
+    if not isinstance(training, dict) or any(k not in training for k in _TRAINING_KEYS):
+        raise CheckpointError(f"checkpoint state {str(state_path)!r} lacks {', '.join(_TRAINING_KEYS)}")
     return {"model": model_state, "training": training, "meta": meta}
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name inside the checkpoint directory (no path separators, not '.' or '..')."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def check_resume_config(meta: Mapping[str, Any], cfg, where: str | Path) -> None:
+    """Refuse to resume the checkpoint whose `meta` was read from `where` with a `cfg` (a TrainConfig)
+    that differs from the checkpoint's config in any key but `RESUMABLE_CHANGES`, or whose `epochs`
+    is fewer than the checkpoint has done. The message lists every differing key, old and new."""
+    from .config import TrainConfig
+
+    saved = meta["config"]
+    defaults = TrainConfig().to_dict()
+    diffs = []
+    for key, new in cfg.to_dict().items():
+        old = saved.get(key, defaults.get(key))
+        if key not in RESUMABLE_CHANGES and old != new:
+            diffs.append(f"{key} (checkpoint {old!r}, now {new!r})")
+    if diffs:
+        raise CheckpointError(
+            f"--resume: the config differs from the checkpoint's in {', '.join(diffs)}; a resumed run must use "
+            f"the checkpoint's config (only {', '.join(RESUMABLE_CHANGES)} may change). Pass the checkpoint's "
+            f"values, or start a new run in another directory (checkpoint: {str(where)!r})"
+        )
+    if cfg.epochs < meta["epoch"]:
+        raise CheckpointError(
+            f"--resume: epochs={cfg.epochs} is fewer than the {meta['epoch']} epochs the checkpoint "
+            f"{str(where)!r} has done; use epochs >= {meta['epoch']}"
+        )
 
 
 def restore_checkpoint(state: TrainState, checkpoint: Dict[str, Any]) -> None:
@@ -138,7 +187,10 @@ def restore_checkpoint(state: TrainState, checkpoint: Dict[str, Any]) -> None:
         state.model.load_state_dict(checkpoint["model"], strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint weights do not fit this model (was it written by another config?): {err}") from err
-    state.optimizer.load_state_dict(training["optimizer"])
+    try:
+        state.optimizer.load_state_dict(training["optimizer"])
+    except (ValueError, KeyError) as err:  # torch's message for a state of another parameter layout
+        raise CheckpointError(f"checkpoint optimizer state does not fit this model: {err}") from err
     if state.scheduler is not None and training.get("scheduler") is not None:
         state.scheduler.load_state_dict(training["scheduler"])
     if state.scaler is not None and training.get("scaler") is not None:

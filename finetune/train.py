@@ -8,10 +8,12 @@ preprocessing.json, and checkpoint/ (latest epoch, for ``vitsweep train --resume
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import timm
 import torch
@@ -37,11 +39,14 @@ def check_config(cfg: TrainConfig) -> Dict[str, Any]:
 
     cfg.validate()
     grid, prefix, dim, heads = vit_geometry(cfg.model, cfg.img_size, cfg.patch_size, cfg.depth)
+    if cfg.depth is not None and cfg.depth > model_depth(cfg.model):
+        raise ConfigError(f"depth={cfg.depth} but {cfg.model} has {model_depth(cfg.model)} blocks; allowed: 1..{model_depth(cfg.model)}")
     try:
         check_attention(cfg.variant, dim=dim, num_heads=heads, grid_size=grid, num_prefix_tokens=prefix, **cfg.attention_hparams())
     except AttentionConfigError as err:
         raise ConfigError(f"{err} (model {cfg.model}, grid {grid[0]}x{grid[1]}, {prefix + grid[0] * grid[1]} tokens)") from err
     check_data_spec(cfg.data)
+    check_device(cfg.device)
     resolve_precision(cfg.precision, resolve_device(cfg.device))
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise ConfigError(f"weights={cfg.weights!r} does not exist")
@@ -52,6 +57,21 @@ def check_config(cfg: TrainConfig) -> Dict[str, Any]:
         "embed_dim": dim,
         "num_heads": heads,
     }
+
+
+@functools.lru_cache(maxsize=None)
+def model_depth(name: str) -> int:
+    """The number of blocks of timm model `name` as the architecture defines it (built on `meta`)."""
+    with torch.device("meta"):
+        return len(timm.create_model(name, pretrained=False, num_classes=0).blocks)
+
+
+def check_device(device: str) -> None:
+    """A `cuda:N` index must exist on this machine (the syntax is checked by TrainConfig)."""
+    match = re.fullmatch(r"cuda:(\d+)", device)
+    if match and torch.cuda.is_available() and int(match.group(1)) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device={device!r} but this machine has {count} CUDA device(s); allowed: cuda:0..cuda:{count - 1}, cpu, auto")
 
 
 def _preprocessing_model(cfg: TrainConfig) -> torch.nn.Module:
@@ -110,15 +130,24 @@ def run_training(
     resume_from: Optional[str | Path] = None,
     progress: bool = True,
     local_checkpoints: bool = True,
+    before_write: Optional[Callable[[], None]] = None,
 ) -> Dict[str, Any]:
     """Validate everything, then train; nothing is written under `out_dir` before validation passes.
 
+    `resume_from`: a checkpoint directory; its config must equal `cfg` but for `RESUMABLE_CHANGES`
+    (`finetune.checkpoint.check_resume_config`). `before_write` runs once, after the config, the
+    checkpoint, the data and the model have been checked and built and before anything is written
+    under `out_dir` (`vitsweep train --overwrite` moves the previous run aside there).
+
     Returns ``{"status", "metrics", "history", "config", ...}`` (also written to result.json).
     """
-    from .checkpoint import read_checkpoint
+    from .checkpoint import check_resume_config, read_checkpoint
     from .data import build_data, build_loaders, plot_grid, resolve_preprocessing
 
     geometry = check_config(cfg)
+    resume = read_checkpoint(resume_from) if resume_from else None
+    if resume is not None:
+        check_resume_config(resume["meta"], cfg, resume_from)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     preprocessing = resolve_preprocessing(
@@ -129,7 +158,6 @@ def run_training(
         check_topk(cfg.topk, bundle.num_classes)
     except MetricError as err:
         raise ConfigError(str(err)) from err
-    resume = read_checkpoint(resume_from) if resume_from else None
 
     attn_hparams = cfg.attention_hparams()
     model = build_vit(
@@ -150,6 +178,8 @@ def run_training(
 
     callbacks: List[Callback] = list(callbacks)
     writer = None
+    if before_write is not None:
+        before_write()
     if out_dir is not None:
         from .tb_writer import TBWriter
 

@@ -3,21 +3,29 @@ rebuild the model (timm name, variant, hyperparameters, geometry, preprocessing,
 model is never trained twice and never unpickled. The sidecar also records the variant class's import
 path (``variant_path``), so a plug-in variant, or one registered by a module that is not imported,
 is rebuilt from it.
+
+Integrity: the pair is checked as one. The safetensors header (``__metadata__``) holds the sha256 of
+the sidecar's content (every key but ``sha256``, as canonical JSON) and the architecture; the sidecar
+holds the sha256 of the safetensors file. Editing either file, deleting the checksum, or pairing
+files of two saves is refused on load. Files written before this scheme (format_version 1) are refused
+too, unless loaded with ``verify=False``; saving them again gives a verifiable pair.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .io_utils import atomic_path, read_tagged_json, sha256_file, write_json
+from .io_utils import atomic_path, json_safe, read_tagged_json, sha256_file, write_json
 from .models import WeightsError, build_vit
 from .models.attention import ATTENTION_VARIANTS, variant_path
 
 FORMAT = "vitsweep-weights"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Sidecar keys that define the architecture: a mismatch here means the weights cannot be used.
 ARCH_KEYS = ("model", "variant", "attn_hparams", "img_size", "patch_size", "depth", "num_classes")
 
@@ -52,9 +60,7 @@ def save_weight_dict(
         raise ValueError(f"save_weight_dict: config lacks architecture keys {missing}")
     weights_path, sidecar_path = _paths(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(weights_path) as tmp:
-        save_file(state, tmp, metadata={"format": FORMAT, "model": str(config["model"])})
-    sidecar = {
+    body = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "arch": {k: config[k] for k in ARCH_KEYS},
@@ -64,10 +70,21 @@ def save_weight_dict(
         "metrics": dict(metrics or {}),
         "class_names": list(class_names or []),
         "num_tensors": len(state),
-        "sha256": sha256_file(weights_path),
     }
-    write_json(sidecar_path, sidecar)
+    header = {"format": FORMAT, "model": str(config["model"]), "sidecar_sha256": _digest(body), "arch": _canonical(body["arch"])}
+    with atomic_path(weights_path) as tmp:
+        save_file(state, tmp, metadata=header)
+    write_json(sidecar_path, {**body, "sha256": sha256_file(weights_path)})
     return weights_path
+
+
+def _canonical(obj: Any) -> str:
+    """`obj` as the JSON that `write_json` would store, compact and key-sorted (one text per value)."""
+    return json.dumps(json_safe(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _digest(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(_canonical(body).encode()).hexdigest()
 
 
 def read_sidecar(path: str | Path) -> Dict[str, Any]:
@@ -84,20 +101,24 @@ def load_weight_dict(
     expected: Optional[Mapping[str, Any]] = None,
     *,
     device: str | torch.device = "cpu",
-    verify_checksum: bool = True,
+    verify: bool = True,
 ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """Rebuild the model described by the sidecar and load its weights (strict).
 
     `expected`: architecture values the caller requires (any of ARCH_KEYS); a difference is an error
-    that names each mismatched key. A truncated or altered file fails the checksum or safetensors'
-    own header check.
+    that names each mismatched key. `verify` (default): the pair must pass `verify_weights`; False
+    skips it (files from before the checksum scheme), which trusts both files as they are.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    weights_path, _ = _paths(path)
+    weights_path, sidecar_path = _paths(path)
     sidecar = read_sidecar(path)
-    arch = sidecar["arch"]
+    arch = sidecar.get("arch")
+    if not isinstance(arch, dict) or any(k not in arch for k in ARCH_KEYS):
+        raise WeightsError(f"sidecar {str(sidecar_path)!r} has no complete 'arch' entry ({', '.join(ARCH_KEYS)})")
+    if verify:
+        verify_weights(path, sidecar)
     if expected:
         diffs = [
             f"{k}: file has {arch.get(k)!r}, expected {expected[k]!r}"
@@ -106,8 +127,6 @@ def load_weight_dict(
         ]
         if diffs:
             raise WeightsError(f"weights {str(weights_path)!r} do not match the requested model: " + "; ".join(diffs))
-    if verify_checksum and sidecar.get("sha256") and sha256_file(weights_path) != sidecar["sha256"]:
-        raise WeightsError(f"weights file {str(weights_path)!r} is corrupt or truncated (checksum differs from its sidecar)")
     try:
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
@@ -130,6 +149,37 @@ def load_weight_dict(
     except RuntimeError as err:
         raise WeightsError(f"weights {str(weights_path)!r} do not fit the architecture in their sidecar: {err}") from err
     return model.to(device), sidecar
+
+
+def verify_weights(path: str | Path, sidecar: Optional[Mapping[str, Any]] = None) -> None:
+    """Raise WeightsError unless the safetensors file matches the sidecar's sha256 and the sidecar's
+    content matches the digest in the safetensors header (see the module docstring)."""
+    from safetensors import SafetensorError, safe_open
+
+    weights_path, sidecar_path = _paths(path)
+    sidecar = dict(sidecar if sidecar is not None else read_sidecar(path))
+    resave = ("if you trust both files, load them with load_weight_dict(path, verify=False) and save them again "
+              "with save_weight_dict to get a verifiable pair")
+    checksum = sidecar.pop("sha256", None)
+    if not isinstance(checksum, str):
+        raise WeightsError(f"sidecar {str(sidecar_path)!r} has no checksum (sha256) of its weights, so they cannot be verified; {resave}")
+    if sha256_file(weights_path) != checksum:
+        raise WeightsError(f"weights file {str(weights_path)!r} is corrupt or truncated (checksum differs from its sidecar)")
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"weights file {str(weights_path)!r} is not a readable safetensors file: {err}") from err
+    if "sidecar_sha256" not in header:
+        raise WeightsError(
+            f"weights {str(weights_path)!r} were written by an older vitsweep (format_version "
+            f"{sidecar.get('format_version')!r}) whose sidecar is not covered by a checksum; {resave}"
+        )
+    if header["sidecar_sha256"] != _digest(sidecar):
+        raise WeightsError(
+            f"sidecar {str(sidecar_path)!r} was altered after it was saved: its content no longer matches "
+            f"the digest stored in {str(weights_path)!r}; restore it or save the model again"
+        )
 
 
 def _norm(value: Any) -> Any:

@@ -9,15 +9,17 @@ variant's are set with the generic ``--attn KEY=VALUE``.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
-
-import yaml
+from typing import Any, Callable, Dict, List, Optional
 
 from finetune.config import DEFAULT_MODEL, DEFAULT_PRETRAINED_TAG, PRECISIONS, VARIANTS, TrainConfig
 from finetune.errors import ConfigError
 from finetune.models.attention import declared_hparams
 from finetune.models.attention.flags import add_hparam_arguments
+from finetune.yaml_io import parse_yaml, read_yaml_file
 
 S = argparse.SUPPRESS
 
@@ -94,7 +96,7 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, yaml_path: str | None = None) -> TrainConfig:
     """YAML file values, then flags the user typed, then ``--attn`` items, over TrainConfig's defaults."""
     values: Dict[str, Any] = {}
-    if yaml_path:
+    if yaml_path is not None:
         values.update(load_yaml_mapping(yaml_path))
     names = set(TrainConfig.field_names()) | set(declared_hparams())
     values.update({k: v for k, v in vars(args).items() if k in names})
@@ -117,21 +119,13 @@ def parse_attn_items(items: Optional[List[str]]) -> Dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--attn {item!r}: expected KEY=VALUE (VALUE in YAML, e.g. --attn dilation=[1,2])")
-        try:
-            parsed[key] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--attn {item!r}: VALUE is not valid YAML: {str(err).splitlines()[0]}") from None
+        parsed[key] = parse_yaml(raw, f"--attn {item!r}: VALUE")
     return parsed
 
 
 def load_yaml_mapping(path: str) -> Dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
+    """The mapping of config keys in YAML file `path` (bounded, UTF-8, no aliases: `finetune.yaml_io`)."""
+    data = read_yaml_file(path, "config file")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of config keys, not {type(data).__name__}")
     return data
@@ -144,12 +138,62 @@ def add_train_command(sub) -> None:
         description="Fine-tune a timm ViT with the chosen attention variant; writes result.json, "
         "weights.safetensors + weights.json, tb/, preprocessing.json and checkpoint/ under --out.",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory; must not exist or be empty, unless --resume or --overwrite")
     p.add_argument("--config", metavar="FILE", help="YAML file of config keys (flags override it)")
-    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint (same config)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in DIR from DIR/checkpoint; the config must be the checkpoint's, "
+                      "except keys that do not change the result (epochs may grow, num_workers, log_interval, "
+                      "max_*_batches, device, compile, eval_at_start)")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="start afresh in a DIR that holds files: DIR is first moved aside to DIR.old-<time> "
+                      "(nothing is deleted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_options(p)
     p.set_defaults(func=_train)
+
+
+def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
+    """The `--out` directory, refused early when it is empty text, a file, under a file or not
+    writable, or (without --resume or --overwrite) a directory that already holds files."""
+    if not out.strip():
+        raise ConfigError(f"--out {out!r} is empty; give the output directory")
+    if "\x00" in out:
+        raise ConfigError(f"--out {out!r} holds a NUL character")
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {str(path)!r} is an existing file, not a directory")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"--out {str(path)!r}: {str(ancestor)!r} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {str(path)!r}: {str(ancestor)!r} is not writable")
+    if resume:
+        if not path.is_dir():
+            raise ConfigError(f"--resume: {str(path)!r} does not exist; there is no run to continue")
+        return path
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        shown = ", ".join(sorted(p.name for p in path.iterdir())[:5])
+        raise ConfigError(
+            f"--out {str(path)!r} already holds files ({shown}); pass --resume to continue that run, "
+            "--overwrite to move it aside to DIR.old-<time> and start afresh, or choose another --out"
+        )
+    return path
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to ``<path>.old-<YYYYmmdd-HHMMSS>`` (plus ``-N`` if taken); returns the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
+        n += 1
+    os.rename(path, target)
+    return target
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -157,11 +201,16 @@ def _train(args: argparse.Namespace) -> int:
 
     from finetune.train import run_training
 
+    out = check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)
     cfg = config_from_args(args, args.config)
-    resume_from = None
-    if args.resume:
-        resume_from = Path(args.out) / "checkpoint"
-    result = run_training(cfg, args.out, resume_from=resume_from, progress=not args.no_progress)
+    before_write: Optional[Callable[[], None]] = None
+    if args.overwrite and out.is_dir() and any(out.iterdir()):
+        def before_write() -> None:
+            moved = move_aside(out)
+            print(f"vitsweep: --overwrite: moved the previous contents of {str(out)!r} to {str(moved)!r}", file=sys.stderr)
+
+    resume_from = out / "checkpoint" if args.resume else None
+    result = run_training(cfg, out, resume_from=resume_from, progress=not args.no_progress, before_write=before_write)
     final = {k: v for k, v in result["metrics"].items() if k.startswith(("val/", "train/", "cost/", "throughput/", "memory/"))}
-    print(json.dumps({"status": result["status"], "out": str(args.out), **final}, indent=2, default=str))
+    print(json.dumps({"status": result["status"], "out": str(out), **final}, indent=2, default=str))
     return 0

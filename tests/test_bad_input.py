@@ -169,8 +169,12 @@ CASES = [
     Case("weights: a pickle named .safetensors", _pickle_named_safetensors,
          "model.safetensors' is not a readable safetensors file"),
     # --- checkpoints and experiments
-    Case("checkpoint: resume without a checkpoint", lambda t: ([*TRAIN, *SYNTH, "--out", str(t / "out"), "--resume"],
-                                                                t / "out"),
+    Case("checkpoint: resume of a run that does not exist",
+         lambda t: ([*TRAIN, *SYNTH, "--out", str(t / "out"), "--resume"], t / "out"),
+         "--resume:", "out' does not exist; there is no run to continue"),
+    Case("checkpoint: resume without a checkpoint",
+         lambda t: ((t / "out" / "tb").mkdir(parents=True) or
+                    ([*TRAIN, *SYNTH, "--out", str(t / "out"), "--resume"], t / "out")),
          "checkpoint' is not a vitsweep checkpoint: meta.json is missing"),
     Case("checkpoint: foreign checkpoint", lambda t: _checkpoint(t, '{"format": "other"}'),
          "is not a vitsweep checkpoint (format='other'"),

@@ -10,9 +10,8 @@ import difflib
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-import yaml
-
 from finetune.errors import ConfigError
+from finetune.yaml_io import read_yaml_file
 
 from .. import optim, variants
 
@@ -130,11 +129,6 @@ def preset_values(name: str) -> Any:
 
 
 def read_sweep_file(path: str | Path) -> Any:
-    """The YAML document of a sweep file (schema in `search_spaces.spec`; `SweepSpec.from_dict` checks it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {str(path)!r}: no such file")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config {str(path)!r} is not valid YAML: {err}") from err
+    """The YAML document of a sweep file (schema in `search_spaces.spec`; `SweepSpec.from_dict` checks it).
+    At most 1 MiB of UTF-8 text, without aliases (`finetune.yaml_io`)."""
+    return read_yaml_file(path, "--config")
