@@ -375,3 +375,59 @@ def test_data_show_applies_the_batch_transform_of_a_cache(folder_cache, tmp_path
     images = seen["images"]
     assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
     assert images.min() < 0  # normalised, not raw uint8 pixels
+
+
+def _rewrite_labels(cache, labels):
+    """Replace train labels and fix the manifest's size and checksum (a consistent but wrong cache)."""
+    from finetune.io_utils import sha256_file
+
+    path = cache / "train_labels.npy"
+    np.save(path, np.asarray(labels, dtype=np.int64))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["splits"]["train"]["labels"].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("bad", [3, -1, 2**40])
+def test_labels_outside_the_classes_name_the_file_and_the_label(folder_cache, bad):
+    _, cache, manifest = folder_cache
+    n = manifest["splits"]["train"]["count"]
+    _rewrite_labels(cache, [0] * (n - 1) + [bad])
+    with pytest.raises(DataError) as err:
+        build_data(f"cache:{cache}", prep())
+    message = str(err.value)
+    assert "train_labels.npy" in message and f"label {bad} at index {n - 1}" in message and "outside 0..2" in message
+
+
+def test_a_pickled_labels_file_is_refused_without_unpickling(folder_cache, tmp_path):
+    _, cache, manifest = folder_cache
+    path = cache / "train_labels.npy"
+    np.save(path, np.array([{"evil": 1}] * manifest["splits"]["train"]["count"], dtype=object), allow_pickle=True)
+    from finetune.io_utils import sha256_file
+
+    data = json.loads((cache / "manifest.json").read_text())
+    data["splits"]["train"]["labels"].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    (cache / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match="train_labels.npy' is not a readable .npy array"):
+        build_data(f"cache:{cache}", prep())
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda m: m.update(class_names=["only"]), "class_names must be a list of at least 2 names"),
+        (lambda m: m.update(class_names="ab"), "class_names must be a list"),
+        (lambda m: m.update(size="16"), "size='16' must be a positive integer"),
+        (lambda m: m["splits"]["train"].update(count=-1), "train count=-1"),
+        (lambda m: m["splits"]["val"]["images"].update(path="../../etc/passwd"), "val images must give a file name"),
+        (lambda m: m.update(skipped_images="x"), "skipped_images='x'"),
+    ],
+)
+def test_a_malformed_manifest_names_the_entry(folder_cache, change, fragment):
+    _, cache, manifest = folder_cache
+    data = json.loads((cache / "manifest.json").read_text())
+    change(data)
+    (cache / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match="manifest.json'") as err:
+        check_data_spec(f"cache:{cache}")
+    assert fragment in str(err.value)

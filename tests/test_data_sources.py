@@ -72,7 +72,8 @@ def test_imagefolder_unreadable_image_named_and_skipped(tmp_path):
 def test_imagefolder_empty_and_mismatched(tmp_path):
     root = tmp_path / "empty"
     for split in ("train", "val"):
-        (root / split / "cat").mkdir(parents=True)
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
     with pytest.raises(DataError, match="train'? has no images"):
         build_data(f"imagefolder:{root}", PREP)
     with pytest.raises(DataError, match="no class folders"):
@@ -83,8 +84,9 @@ def test_imagefolder_empty_and_mismatched(tmp_path):
     make_folder(root, ["cat", "emu"], splits=("val",))
     with pytest.raises(DataError, match=r"only in train: \['dog'\], only in val: \['emu'\]"):
         build_data(f"imagefolder:{root}", PREP)
-    only_bad = make_folder(tmp_path / "b", ["cat"], per_class=1)
+    only_bad = make_folder(tmp_path / "b", ["cat", "dog"], per_class=1)
     (only_bad / "train" / "cat" / "0.png").write_bytes(b"junk")
+    (only_bad / "train" / "dog" / "0.png").write_bytes(b"junk")
     with pytest.raises(DataError, match="no readable images"):
         build_data(f"imagefolder:{only_bad}", PREP, skip_bad_images=True)
 
@@ -203,3 +205,119 @@ def test_imagenet100_default_is_hub_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_hub)
     b = build_data("imagenet100", PREP)
     assert calls == [(IMAGENET100_HUB_ID, {})] and b.num_classes == 100 and len(b.train) == 4
+
+
+# ------------------------------------------------------------------ hostile folders and image modes
+def test_one_class_is_refused(tmp_path):
+    root = make_folder(tmp_path / "d", ["cat"])
+    with pytest.raises(DataError, match=r"has 1 class\(es\) \['cat'\]; training needs at least 2"):
+        build_data(f"imagefolder:{root}", PREP)
+    path = tiny_dataset_dict(tmp_path, ["apple"], labels=(0, 0))
+    with pytest.raises(DataError, match="training needs at least 2"):
+        build_data(f"hf:{path}", PREP)
+
+
+@pytest.mark.parametrize("where", ["self", "parent", "root", "class"])
+def test_symlink_loops_are_named(tmp_path, where):
+    root = make_folder(tmp_path / "d", ["cat", "dog"])
+    cat = root / "train" / "cat"
+    if where == "self":
+        link, target = cat / "loop.png", cat / "loop.png"
+    elif where == "parent":
+        link, target = cat / "sub", cat
+    elif where == "root":
+        link, target = cat / "up", root
+    else:  # a class folder that is a link to its own split
+        link, target = root / "train" / "emu", root / "train"
+        (root / "val" / "emu").mkdir()
+        write_image(root / "val" / "emu" / "0.png")
+    link.symlink_to(target)
+    with pytest.raises(DataError, match="symbolic link loop") as err:
+        build_data(f"imagefolder:{root}", PREP)
+    assert str(link) in str(err.value)
+
+
+def test_a_symlinked_class_folder_that_does_not_loop_is_read(tmp_path):
+    root = make_folder(tmp_path / "d", ["cat", "dog"])
+    elsewhere = make_folder(tmp_path / "other", ["emu"])
+    for split in ("train", "val"):
+        (root / split / "emu").symlink_to(elsewhere / split / "emu")
+    b = build_data(f"imagefolder:{root}", PREP)
+    assert b.class_names == ["cat", "dog", "emu"] and len(b.train) == 6
+
+
+def _folder_with(tmp_path, save):
+    """A two-class folder whose train/cat/x.png is written by `save(path)`."""
+    root = make_folder(tmp_path / "d", ["cat", "dog"], per_class=1)
+    save(root / "train" / "cat" / "x.png")
+    return root
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from finetune.data.images import load_rgb
+
+    grey16 = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)  # 0, 1, 128, 255 in 8 bits
+    root = _folder_with(tmp_path, lambda p: Image.fromarray(grey16).save(p))
+    rgb = np.asarray(load_rgb(str(root / "train" / "cat" / "x.png")))
+    assert Image.open(root / "train" / "cat" / "x.png").mode.startswith("I")
+    assert rgb.shape == (1, 4, 3) and rgb[0, :, 0].tolist() == [0, 1, 128, 255] and (rgb == rgb[..., :1]).all()
+    i32 = Image.fromarray(np.array([[0, 65535, 70000, -5]], dtype=np.int32))
+    assert np.asarray(load_rgb_from(i32))[0, :, 1].tolist() == [0, 255, 255, 0]
+    assert build_data(f"imagefolder:{root}", PREP).train[0][0].shape == (3, 8, 8)
+
+
+def load_rgb_from(image):
+    from finetune.data.images import to_rgb
+
+    return to_rgb(image)
+
+
+def test_palette_images_use_their_palette(tmp_path):
+    from finetune.data.images import load_rgb
+
+    def save(path):
+        img = Image.new("P", (2, 1))
+        img.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+        img.putpixel((1, 0), 1)
+        img.info["transparency"] = 0
+        img.save(path)
+
+    root = _folder_with(tmp_path, save)
+    path = str(root / "train" / "cat" / "x.png")
+    assert Image.open(path).mode == "P"
+    assert np.asarray(load_rgb(path)).tolist() == [[[10, 20, 30], [200, 100, 50]]]
+    pa = Image.new("P", (1, 1))
+    pa.putpalette([1, 2, 3] * 256)
+    assert np.asarray(load_rgb_from(pa.convert("PA"))).tolist() == [[[1, 2, 3]]]
+
+
+def test_truncated_images_are_skipped_when_asked(tmp_path):
+    def save(path):
+        rng = np.random.default_rng(0)
+        jpg = path.with_suffix(".jpg")
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpg, quality=90)
+        jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
+
+    root = _folder_with(tmp_path, save)
+    with Image.open(root / "train" / "cat" / "x.jpg") as img:  # opens fine: only decoding finds it
+        assert img.size == (64, 64)
+    b = build_data(f"imagefolder:{root}", PREP)
+    index = [p for p, _ in b.train.samples].index(str(root / "train" / "cat" / "x.jpg"))
+    with pytest.raises(DataError, match=r"x\.jpg.*truncated"):
+        b.train[index]
+    b = build_data(f"imagefolder:{root}", PREP, skip_bad_images=True)
+    assert b.skipped_images == 1 and len(b.train) == 2
+
+
+def test_decompression_bombs_are_refused_naming_the_file(tmp_path, monkeypatch):
+    root = _folder_with(tmp_path, lambda p: Image.new("L", (300, 300)).save(p))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 300x300 is 9x the limit, 200x200 4x
+    b = build_data(f"imagefolder:{root}", PREP)
+    index = [p for p, _ in b.train.samples].index(str(root / "train" / "cat" / "x.png"))
+    with pytest.raises(DataError, match=r"x\.png'.*too many pixels"):
+        b.train[index]
+    Image.new("L", (150, 150)).save(root / "train" / "cat" / "x.png")  # above the limit, below 2x: PIL only warns
+    with pytest.raises(DataError, match=r"x\.png'.*too many pixels"):
+        b.train[index]
+    b = build_data(f"imagefolder:{root}", PREP, skip_bad_images=True)
+    assert b.skipped_images == 1 and len(b.train) == 2

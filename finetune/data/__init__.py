@@ -3,7 +3,7 @@ loaders with reproducible order, image grids for sanity checks, and the decode-o
 images on disk, crop/flip/normalise in batches on the device).
 
 Layers, each importing only those above it: `spec` (parsing, layout checks) -> `synthetic`,
-`preprocessing` -> `gpu_transforms` -> `cache` (reading) -> `sources` (spec -> DataBundle) ->
+`preprocessing`, `images` (decoding to RGB) -> `gpu_transforms` -> `cache` (reading) -> `sources` (spec -> DataBundle) ->
 `cache_build` -> `loaders`, `plots`.
 """
 

@@ -59,7 +59,7 @@ def read_manifest(root: str | os.PathLike) -> Dict[str, Any]:
     try:
         with open(path) as f:
             manifest = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"cache manifest {str(path)!r} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict):
         raise DataError(f"cache manifest {str(path)!r} must hold a JSON object")
@@ -73,11 +73,42 @@ def read_manifest(root: str | os.PathLike) -> Dict[str, Any]:
         )
     if manifest["layout"] != LAYOUT or manifest["dtype"] != "uint8":
         raise DataError(f"cache manifest {str(path)!r}: layout {manifest['layout']!r} dtype {manifest['dtype']!r}; expected {LAYOUT} uint8")
+    names = manifest["class_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) < 2:
+        raise DataError(f"cache manifest {str(path)!r}: class_names must be a list of at least 2 names, not {_short(names)}")
+    if not _count(manifest["size"], 1):
+        raise DataError(f"cache manifest {str(path)!r}: size={manifest['size']!r} must be a positive integer")
+    if not _count(manifest.get("skipped_images", 0), 0):
+        raise DataError(f"cache manifest {str(path)!r}: skipped_images={manifest['skipped_images']!r} must be an integer >= 0")
     for split in SPLITS:
         entry = manifest["splits"].get(split) if isinstance(manifest["splits"], dict) else None
         if not isinstance(entry, dict) or not all(k in entry for k in ("count", *_FILES)):
             raise DataError(f"cache manifest {str(path)!r} has no complete entry for split {split!r}")
+        if not _count(entry["count"], 1):
+            raise DataError(f"cache manifest {str(path)!r}: {split} count={entry['count']!r} must be a positive integer")
+        for key in _FILES:
+            f = entry[key]
+            if not (isinstance(f, dict) and _plain_name(f.get("path")) and _count(f.get("bytes"), 0)
+                    and isinstance(f.get("sha256"), str)):
+                raise DataError(
+                    f"cache manifest {str(path)!r}: {split} {key} must give a file name in the cache directory, "
+                    f"its bytes and sha256, not {_short(f)}"
+                )
     return manifest
+
+
+def _count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name inside the cache directory (no path separators, not '.' or '..')."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _files(root: str | os.PathLike, manifest: Dict[str, Any]) -> Iterator[Tuple[Path, Dict[str, Any]]]:
@@ -139,8 +170,16 @@ class CacheDataset(Dataset):
         return {**self.__dict__, "_images": None}
 
 
+def _load_npy(path: str | os.PathLike, mmap_mode: Optional[str] = None) -> np.ndarray:
+    """`np.load` of a plain (pickle-free) .npy file; anything else is a DataError naming it."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # numpy's errors for a bad header, object arrays, short files
+        raise DataError(f"cache file {str(path)!r} is not a readable .npy array: {e}; rebuild the cache") from e
+
+
 def _open_images(path: str, shape: Tuple[int, ...]) -> np.ndarray:
-    images = np.load(path, mmap_mode="r")
+    images = _load_npy(path, mmap_mode="r")
     if images.dtype != np.uint8 or images.shape != tuple(shape):
         raise DataError(f"cache file {path!r} holds {images.dtype} {list(images.shape)}; the manifest says uint8 {list(shape)}")
     return images
@@ -153,9 +192,17 @@ def load_cache_split(root: str | os.PathLike, split: str, manifest: Dict[str, An
     images_path = str(Path(root) / entry["images"]["path"])
     _open_images(images_path, shape)  # header check now rather than in a worker
     labels_path = Path(root) / entry["labels"]["path"]
-    labels = np.load(labels_path)
+    labels = _load_npy(labels_path)
     if labels.dtype != np.int64 or labels.shape != (n,):
         raise DataError(f"cache file {str(labels_path)!r} holds {labels.dtype} {list(labels.shape)}; the manifest says int64 [{n}]")
+    classes = len(manifest["class_names"])
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(
+            f"cache file {str(labels_path)!r}: label {int(labels[i])} at index {i} (and {bad.size - 1} more) is outside "
+            f"0..{classes - 1} ({classes} classes in the manifest); rebuild the cache"
+        )
     return CacheDataset(images_path, labels, shape)
 
 

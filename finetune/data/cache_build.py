@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..errors import DataError
 from ..io_utils import sha256_file
 from .cache import FORMAT, LAYOUT, MANIFEST, SPLITS, VERSION
+from .images import to_rgb
 from .sources import build_sources
 from .spec import parse_data_spec
 
@@ -40,7 +41,7 @@ class SquareResize:
         )
 
     def __call__(self, image) -> np.ndarray:
-        pixels = np.asarray(self.transform(image.convert("RGB")), dtype=np.uint8)  # (S, S, 3)
+        pixels = np.asarray(self.transform(to_rgb(image)), dtype=np.uint8)  # (S, S, 3)
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, S, S)
 
 
@@ -101,8 +102,8 @@ def build_cache(
         seed: the synthetic source's seed when the spec does not set `seed=`.
         progress: show a progress bar per split.
     """
-    if size < 8:
-        raise DataError(f"cache size={size} is too small; use >= 8 (256 for 224 px models)")
+    if not 8 <= size <= 4096:
+        raise DataError(f"cache size={size} must be in [8, 4096] (256 for 224 px models)")
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
     if num_workers < 0:

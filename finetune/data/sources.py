@@ -12,21 +12,23 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from timm.data import ImageNetInfo
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import DataError
 from .cache import check_cache_dir, open_cache
 from .gpu_transforms import BatchEvalTransform, BatchTrainTransform
+from .images import decode, is_decodable, load_rgb, to_rgb
 from .preprocessing import Preprocessing
 from .spec import (
     DataSpec,
@@ -41,7 +43,7 @@ from .spec import (
 from .synthetic import SyntheticShapes, max_classes
 
 IMAGENET100_HUB_ID = "clane9/imagenet-100"
-_PIL_ERRORS = (OSError, SyntaxError, ValueError)  # what PIL raises for unreadable/corrupt files
+MIN_CLASSES = 2  # a classifier needs at least two classes to learn anything
 
 
 @dataclass
@@ -109,6 +111,19 @@ def build_sources(spec: str, train_tf: Optional[Callable], eval_tf: Optional[Cal
     ds = check_data_spec(spec)
     if ds.kind == "cache":
         raise DataError(f"data spec {spec!r} is already a decoded cache; give the source it was built from")
+    train, val, names, skipped = _sources(ds, train_tf, eval_tf, skip_bad_images, seed)
+    check_class_count(names, spec)
+    return train, val, names, skipped
+
+
+def check_class_count(names: Sequence[str], spec: str) -> None:
+    if len(names) < MIN_CLASSES:
+        raise DataError(
+            f"data {spec!r} has {len(names)} class(es) {list(names)[:3]}; training needs at least {MIN_CLASSES}"
+        )
+
+
+def _sources(ds: DataSpec, train_tf, eval_tf, skip_bad_images: bool, seed: int):
     skipped = 0
     if ds.kind == "synthetic":
         o = ds.options
@@ -131,6 +146,7 @@ def _cache_bundle(root: str, spec: str, preprocessing: Preprocessing, verify: Op
     every file (None: only when the cache is small)."""
     train, val, manifest = open_cache(root, verify)
     names = list(manifest["class_names"])
+    check_class_count(names, spec)
     eval_tf = BatchEvalTransform(preprocessing)
     train_tf = eval_tf if preprocessing.augment == "none" else BatchTrainTransform(preprocessing)
     return DataBundle(
@@ -140,22 +156,65 @@ def _cache_bundle(root: str, spec: str, preprocessing: Preprocessing, verify: Op
 
 
 # ---------------------------------------------------------------------------------------- folders
-def load_rgb(path: str) -> Image.Image:
-    """Open an image file as RGB; an unreadable file is a DataError naming its path."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except _PIL_ERRORS as e:
-        raise DataError(f"cannot read image {path!r}: {e}") from e
-
-
 def is_readable_image(path: str) -> bool:
+    """Whether the whole file decodes (`finetune.data.images.is_decodable`)."""
+    return is_decodable(path)
+
+
+def find_classes(directory: str) -> List[str]:
+    """The sorted class folders of a split (symlinked folders count, as in torchvision)."""
     try:
-        with Image.open(path) as img:
-            img.verify()
-        return True
-    except _PIL_ERRORS:
-        return False
+        entries = list(os.scandir(directory))
+    except OSError as e:
+        raise DataError(f"cannot list {directory!r}: {e.strerror or e}") from e
+    classes = sorted(e.name for e in entries if e.is_dir())
+    if not classes:
+        raise DataError(f"{directory!r} has no class folders; expected <split>/<class>/<image>")
+    return classes
+
+
+def _image_files(class_dir: str) -> List[str]:
+    """Image files under `class_dir`, following symbolic links, in torchvision's order (directories
+    sorted by path, files by name). A link that loops (to itself or to a folder that contains it) is a
+    DataError naming the link."""
+    found: Dict[str, List[str]] = {}
+    stack = [(class_dir, frozenset({os.path.realpath(os.path.dirname(class_dir)), os.path.realpath(class_dir)}))]
+    while stack:
+        directory, ancestors = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as e:
+            raise DataError(f"cannot list {directory!r}: {e.strerror or e}") from e
+        files = found.setdefault(directory, [])
+        for entry in entries:
+            if entry.is_symlink():
+                try:
+                    os.stat(entry.path)
+                except OSError as e:
+                    if e.errno == errno.ELOOP:
+                        raise DataError(f"{entry.path!r} is a symbolic link loop") from e
+            if entry.is_dir():
+                real = os.path.realpath(entry.path)
+                if real in ancestors:
+                    raise DataError(f"{entry.path!r} is a symbolic link loop: it leads back to {real!r}, which contains it")
+                stack.append((entry.path, ancestors | {real}))
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                files.append(entry.path)
+    return [path for directory in sorted(found) for path in found[directory]]
+
+
+def _scan(directory: str, class_to_idx: Dict[str, int]) -> List[Tuple[str, int]]:
+    samples = []
+    for name in sorted(class_to_idx):
+        samples.extend((path, class_to_idx[name]) for path in _image_files(os.path.join(directory, name)))
+    return samples
+
+
+def _decodable(samples: List[Tuple[str, int]]) -> List[Tuple[str, int]]:
+    """The samples whose file decodes completely (checked in threads: PIL decodes without the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        ok = list(pool.map(is_decodable, [path for path, _ in samples]))
+    return [s for s, good in zip(samples, ok) if good]
 
 
 class FolderDataset(Dataset):
@@ -182,11 +241,7 @@ def _folder_pair(root, classes, skip_bad, train_tf, eval_tf):
     splits = {}
     for split in ("train", "val"):
         d = os.path.join(root, split)
-        try:
-            found, _ = find_classes(d)
-        except FileNotFoundError as e:
-            raise DataError(f"{d!r} has no class folders; expected {split}/<class>/<image>") from e
-        splits[split] = (d, found)
+        splits[split] = (d, find_classes(d))
     if classes is None:
         tr, va = set(splits["train"][1]), set(splits["val"][1])
         if tr != va:
@@ -195,6 +250,7 @@ def _folder_pair(root, classes, skip_bad, train_tf, eval_tf):
                 f"only in train: {sorted(tr - va)}, only in val: {sorted(va - tr)}"
             )
         classes = splits["train"][1]
+        check_class_count(classes, f"imagefolder:{root}")
     else:
         for split, (d, found) in splits.items():
             present = set(found)
@@ -209,9 +265,9 @@ def _folder_pair(root, classes, skip_bad, train_tf, eval_tf):
     skipped, datasets_ = 0, []
     for split, tf in (("train", train_tf), ("val", eval_tf)):
         d = splits[split][0]
-        samples = make_dataset(d, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        samples = _scan(d, class_to_idx)
         if skip_bad:
-            good = [s for s in samples if is_readable_image(s[0])]
+            good = _decodable(samples)
             skipped += len(samples) - len(good)
             samples = good
         if not samples:
@@ -236,11 +292,8 @@ class HFImageDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int):
-        try:
-            row = self.split[int(index)]  # decodes the image
-            image = row[self.image_column].convert("RGB")
-        except _PIL_ERRORS as e:
-            raise DataError(f"cannot read image {index} of {self.where}: {e}") from e
+        row = decode(f"{index} of {self.where}", lambda: self.split[int(index)])  # decodes the image
+        image = decode(f"{index} of {self.where}", lambda: to_rgb(row[self.image_column]))
         label = int(row[self.label_column])
         return (self.transform(image) if self.transform is not None else image), label
 
