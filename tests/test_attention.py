@@ -152,48 +152,56 @@ def test_atrous_linear_window_covering_grid_is_exact(grid, prefix, dilation):
     torch.testing.assert_close(out, exact, atol=1e-5, rtol=0)
 
 
-def test_atrous_linear_matches_dense_reference():
-    """The estimator spelled out densely in float64: exact terms on the dilated window (and the CLS
-    key), Performer's feature products (its stabilisers and eps) everywhere else, one normalisation."""
-    grid, P, dilation, window, m = (5, 6), 1, (1, 2), 3, 24
-    H, D = 4, 16
-    Np, N = 30, 31
-    q, k, v = qkv(B=2, H=H, N=N, D=D, seed=3)
-    W = orthogonal_random_features(m, D, torch.Generator().manual_seed(1))
-    out = atrous_linear_attention(q, k, v, W, grid, P, dilation, window)
-
-    q64, k64, v64, W64 = q.double(), k.double(), v.double(), W.double()
-    s = q64 @ k64.transpose(-2, -1) / math.sqrt(D)  # (B, H, N, N)
-    # Performer's features stand for exp(s_ij - c_q_i - c_k); the exact terms get the same offsets.
-    # (Features of prefix keys and queries are never used: those terms are all exact.)
-    phi_q, phi_k = favor_features(q64[:, :, P:], k64[:, :, P:], W64)  # (B, H, Np, m)
-    c_q = softmax_feature_parts(q64, W64)[0].amax(-1, keepdim=True)  # (B, H, N, 1)
-    c_k = softmax_feature_parts(k64[:, :, P:], W64)[0].amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
-    approx = torch.zeros(2, H, N, N, dtype=torch.float64)
-    approx[:, :, P:, P:] = phi_q @ phi_k.transpose(-2, -1)
-    s = s - c_q - c_k
-    # On the window only the kernel part e(q).e(k) of phi(q).phi(k) is replaced by exp(s); eps parts stay.
-    proj_q, diag_q = softmax_feature_parts(q64[:, :, P:], W64)
-    proj_k, diag_k = softmax_feature_parts(k64[:, :, P:], W64)
-    e_q = (proj_q - diag_q - c_q[:, :, P:]).exp() / math.sqrt(m)
-    e_k = (proj_k - diag_k - c_k).exp() / math.sqrt(m)
-    kernel_part = torch.zeros_like(approx)
-    kernel_part[:, :, P:, P:] = e_q @ e_k.transpose(-2, -1)
-    exact_mask = torch.zeros(H, N, N, dtype=torch.bool)
-    exact_mask[:, :P, :] = True  # CLS query: exact over everything
-    exact_mask[:, :, :P] = True  # CLS key: exact for everyone
+def dense_hybrid(q, k, v, W, grid, P, dilation, window):
+    """The hybrid estimator spelled out densely in float64 (no stabilisers needed): exact terms on the
+    dilated window and the prefix keys; tail = g * (FAVOR+ kernel estimates, no eps) + (1 - g) * (mean
+    field: every tail key weighted exp(q . mean tail key)), g = rho2_mf / (rho2_rf + rho2_mf) from the
+    two estimators' relative squared errors on the window's own terms."""
+    q, k, v, W = q.double(), k.double(), v.double(), W.double()
+    B, H, N, D = q.shape
+    m, Np = W.shape[0], N - P
+    k = k - k[:, :, P:].mean(dim=2, keepdim=True)  # centred keys: softmax unchanged
+    s = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, N, N)
+    a = s.exp()
+    feat = lambda x: (x @ W.T * D**-0.25 - 0.5 * (x * x).sum(-1, keepdim=True) / math.sqrt(D)).exp()  # noqa: E731
+    kern = feat(q) @ feat(k).transpose(-2, -1) / m  # (B, H, N, N): FAVOR+ estimates of exp(s)
+    exact = torch.zeros(H, N, N, dtype=torch.bool)
+    exact[:, :P, :] = True
+    exact[:, :, :P] = True
+    win = torch.zeros(H, N, N, dtype=torch.bool)
     for (h0, h1), rate in zip(head_groups(H, len(dilation)), dilation):
         idx = neighbour_index(grid, window, rate)  # (Np, w*w)
         for i in range(Np):
             for j in idx[i].tolist():
                 if j < Np:
-                    exact_mask[h0:h1, P + i, P + j] = True
-    window = exact_mask.clone()
-    window[:, :P, :] = False
-    window[:, :, :P] = False
-    weights = torch.where(exact_mask, s.exp(), approx) + torch.where(window, approx - kernel_part, 0.0)
-    reference = (weights @ v64) / weights.sum(-1, keepdim=True)
-    torch.testing.assert_close(out.double(), reference, atol=1e-5, rtol=1e-4)
+                    win[h0:h1, P + i, P + j] = True
+    exact |= win
+    tail = ~exact  # (H, N, N)
+    mass = (win * a).sum(-1, keepdim=True).clamp_min(1e-300)
+    rho2_rf = (win * (kern - a) ** 2 / a).sum(-1, keepdim=True) / mass
+    n_win = win.sum(-1, keepdim=True).clamp_min(1)  # (H, N, 1)
+    mean_field_win = ((q * (win.double() @ k / n_win)).sum(-1, keepdim=True) / math.sqrt(D)).exp()  # (B, H, N, 1)
+    rho2_mf = (win * (mean_field_win - a) ** 2 / a).sum(-1, keepdim=True) / mass
+    g = rho2_mf / (rho2_rf + rho2_mf).clamp_min(1e-300)  # (B, H, N, 1)
+    n_tail = tail.sum(-1, keepdim=True).clamp_min(1)  # (H, N, 1)
+    k_tail = (tail.double() @ k) / n_tail  # (B, H, N, D)
+    mean_field = ((q * k_tail).sum(-1, keepdim=True) / math.sqrt(D)).exp()  # (B, H, N, 1)
+    weights = torch.where(exact, a, 0.0) + tail * (g * kern + (1 - g) * mean_field)
+    return (weights @ v) / weights.sum(-1, keepdim=True)
+
+
+def test_atrous_linear_matches_dense_reference():
+    grid, P, dilation, window, m = (5, 6), 1, (1, 2), 3, 24
+    H, D = 4, 16
+    q, k, v = qkv(B=2, H=H, N=31, D=D, seed=3)
+    W = orthogonal_random_features(m, D, torch.Generator().manual_seed(1))
+    out = atrous_linear_attention(q, k, v, W, grid, P, dilation, window)
+    torch.testing.assert_close(out.double(), dense_hybrid(q, k, v, W, grid, P, dilation, window), atol=1e-5, rtol=1e-4)
+    q, k, v = smooth_qkv(0, grid=grid, H=H, D=D, temperature=1.5)  # peaked rows too
+    torch.testing.assert_close(
+        atrous_linear_attention(q, k, v, W, grid, P, dilation, window).double(),
+        dense_hybrid(q, k, v, W, grid, P, dilation, window), atol=1e-5, rtol=1e-4,
+    )
 
 
 def test_neighbour_index_dilated_window_and_borders():
@@ -274,15 +282,18 @@ def test_performer_relu_kernel_is_a_positive_average():
 @pytest.mark.parametrize("m", [16, 64])
 @pytest.mark.parametrize(
     "inputs,margin",
-    [("smooth", 0.6), ("smooth_cool", 0.9), ("iid", 1.1)],
+    [("smooth", 0.6), ("smooth_cool", 0.9), ("iid", 1.7)],
 )
 def test_atrous_linear_beats_performer_at_equal_features(inputs, margin, m):
     """Same q, k, v and the same random projection. On spatially smooth inputs (the ViT regime) the
-    exact windows carry the heavy part of each row and the hybrid is far better (margins 0.6, 0.9).
-    On structureless iid inputs the window's 9 of 196 keys are no heavier than the rest and the two
-    are about equal: measured 0.99x at m = 64 and 1.05x at m = 16, where the hybrid is slightly worse
-    because a typical FAVOR+ draw underestimates every tail term while the window is exact (see the
-    atrous_linear docstring); the margin 1.1 bounds that."""
+    exact windows carry the heavy part of each row and the hybrid is far better: measured 0.36x
+    (smooth) and 0.56-0.70x (smooth_cool). On structureless iid N(0, 1) q, k (logit std 1, no
+    locality) the hybrid is worse since its redesign: measured 1.13x at m = 16 and 1.59x at m = 64
+    (it was 0.99-1.05x). Performer's eps shrinks every row towards the uniform average, which is
+    what such rows are; the hybrid drops that eps (on ViT activations it swamped the exact window,
+    see the atrous_linear docstring), and its mean-field tail underestimates the tail mass by the
+    Jensen gap exp(var/2). The margin 1.7 bounds that; tests/test_attention_fidelity.py holds the
+    guarantees in the local regime."""
     errors = {"performer": 0.0, "atrous_linear": 0.0}
     seeds = range(4)
     for s in seeds:

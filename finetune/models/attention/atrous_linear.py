@@ -101,7 +101,7 @@ from torch import nn
 
 from .base import AttentionBase, AttentionConfigError, fp32_core_bytes
 from .hparams import HParam
-from .performer import SOFTMAX_KERNEL_EPS, orthogonal_random_features, softmax_feature_parts
+from .performer import orthogonal_random_features, softmax_feature_parts
 from .registry import register_attention
 from .softmax import softmax_attention
 
@@ -297,18 +297,15 @@ def atrous_linear_attention(
         q, k, v = q.float(), k.float(), v.float()
         projection = projection.float()
         m = projection.shape[0]
-        ratio = m**-0.5
+        tiny = torch.finfo(torch.float32).tiny
         out_prefix = softmax_attention(q[:, :, :P], k, v, fused=False)  # (B, H, P, D)
-        qp, kp, vp = q[:, :, P:], k[:, :, P:], v[:, :, P:]  # (B, H, Np, D) each
-        kc, vc = k[:, :, :P], v[:, :, :P]  # (B, H, P, D) each
-
-        # Random-feature tail: Performer's features, keys sharing one global stabiliser c_k per (batch, head).
-        proj_k, diag_k = softmax_feature_parts(kp, projection)  # (B, H, Np, m), (B, H, Np, 1)
-        c_k = proj_k.amax(dim=(-2, -1), keepdim=True).detach()  # (B, H, 1, 1)
-        e_k = ratio * (proj_k - diag_k - c_k).exp()  # (B, H, Np, m): the kernel part of phi(k)
-        phi_k = e_k + ratio * SOFTMAX_KERNEL_EPS  # (B, H, Np, m)
-        ones = vp.new_ones(B, H, Np, 1)
-        context = phi_k.transpose(-2, -1) @ torch.cat([vp, ones], dim=-1)  # (B, H, m, D+1)
+        # Keys centred on their patch mean: q_i . (k_j - mu) differs from q_i . k_j by a per-query
+        # constant, so softmax is unchanged, but the feature estimator's variance (~exp|q' + k'|^2)
+        # drops when keys share a component (pretrained ViT keys do).
+        mu = k[:, :, P:].mean(dim=2, keepdim=True)  # (B, H, 1, D)
+        kc = k - mu  # (B, H, N, D)
+        qp, kp, vp = q[:, :, P:], kc[:, :, P:], v[:, :, P:]  # (B, H, Np, D) each
+        kpre, vpre = kc[:, :, :P], v[:, :, :P]  # (B, H, P, D) each
 
         # Dilated windows, one head group per rate; validity of every (patch, slot) from the neighbour index.
         groups, valid, has_tail = [], [], []
@@ -323,38 +320,66 @@ def atrous_linear_attention(
         geometry: Geometry = ((hp, wp), window, tuple(groups))
         valid = torch.cat(valid, dim=0)  # (H, Np, w*w)
         tail_on = torch.tensor(has_tail, device=q.device).view(1, H, 1, 1)  # (1, H, 1, 1)
+        n_tail = Np - valid.sum(dim=-1, keepdim=True).float()  # (H, Np, 1): patches outside each window
+        tail_on = tail_on * (n_tail > 0).float()  # (1, H, Np, 1)
 
-        # Exact logits of the window and of the prefix keys, on the key features' scale (minus c_k).
+        # Exact logits of the window and of the prefix keys.
         qs = qp * scale  # (B, H, Np, D)
-        s_win = window_dot(qs, kp, geometry) - c_k  # (B, H, Np, w*w)
-        s_win = s_win.masked_fill(~valid, float("-inf"))
-        s_pre = qs @ kc.transpose(-2, -1) - c_k  # (B, H, Np, P)
+        s_win = window_dot(qs, kp, geometry).masked_fill(~valid, float("-inf"))  # (B, H, Np, w*w)
+        s_pre = qs @ kpre.transpose(-2, -1)  # (B, H, Np, P)
+        # Mean-field tail: the mean key and the value sum of the tail (all patches minus the window);
+        # the centred patch keys sum to zero.
+        win_kv = window_sum(qp.new_ones(B, H, Np, w2), torch.cat([kp, vp], dim=-1), geometry)  # (B, H, Np, 2D)
+        k_tail = -win_kv[..., :D] / n_tail.clamp_min(1.0)  # (B, H, Np, D)
+        v_tail = vp.sum(dim=2, keepdim=True) - win_kv[..., D:]  # (B, H, Np, D)
+        s_mf = (qs * k_tail).sum(dim=-1, keepdim=True)  # (B, H, Np, 1): mean tail logit
 
-        # One offset per query shared by both halves: Performer's row max c_perf, raised to the largest
-        # exact logit if that is higher, so every exponential is <= 1. phi(q_i) is Performer's feature
-        # times exp(c_perf - c_q) <= 1 (eps included), the same factor as the exact terms carry.
+        # FAVOR+ kernel parts without Performer's eps; keys share one stabiliser c_k per (batch, head).
+        proj_k, diag_k = softmax_feature_parts(kp, projection)  # (B, H, Np, m), (B, H, Np, 1)
+        log_k = proj_k - diag_k  # (B, H, Np, m)
+        c_k = log_k.detach().amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
+        e_k = (log_k - c_k).exp()  # (B, H, Np, m)
         proj_q, diag_q = softmax_feature_parts(qp, projection)  # (B, H, Np, m), (B, H, Np, 1)
-        c_perf = proj_q.amax(dim=-1, keepdim=True).detach()  # (B, H, Np, 1)
-        c_q = torch.maximum(c_perf, s_win.amax(dim=-1, keepdim=True))  # (B, H, Np, 1)
-        if P:
-            c_q = torch.maximum(c_q, s_pre.amax(dim=-1, keepdim=True))
-        c_q = c_q.detach()
-        e_q = ratio * (proj_q - diag_q - c_q).exp()  # (B, H, Np, m): the kernel part of phi(q)
-        phi_q = e_q + ratio * SOFTMAX_KERNEL_EPS * (c_perf - c_q).exp()  # (B, H, Np, m)
-        a_win = (s_win - c_q).exp()  # (B, H, Np, w*w), zero off the grid
-        a_pre = (s_pre - c_q).exp()  # (B, H, Np, P)
+        log_q = proj_q - diag_q  # (B, H, Np, m)
+        # One offset per query for every term (features, window, prefix, mean field): the largest, so
+        # every exponential is <= 1; it cancels in num / den.
+        with torch.no_grad():
+            c_q = torch.maximum(log_q.amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True) - c_k)
+            c_q = torch.maximum(c_q, s_mf - c_k)
+            if P:
+                c_q = torch.maximum(c_q, s_pre.amax(dim=-1, keepdim=True) - c_k)  # (B, H, Np, 1)
+        e_q = (log_q - c_q).exp()  # (B, H, Np, m)
+        a_win = (s_win - c_k - c_q).exp()  # (B, H, Np, w*w), zero off the grid
+        a_pre = (s_pre - c_k - c_q).exp()  # (B, H, Np, P)
+        a_mf = (s_mf - c_k - c_q).exp()  # (B, H, Np, 1)
 
-        # Tail = global feature sums minus the window's own kernel estimates e_q . e_k. The eps parts of
-        # phi (Performer's uniform shrinkage) stay for every key, window included, so exact window
-        # terms and tail keep the same relative scale as in Performer.
-        p_win = window_dot(e_q, e_k, geometry)  # (B, H, Np, w*w), zero off the grid
-        tail = phi_q @ context  # (B, H, Np, D+1)
+        # The window is a held-out check of both tail estimators: its exact terms are known, so each
+        # estimator's relative squared error on them (rho2_rf: the kernel estimates of the same terms;
+        # rho2_mf: exp of the window's mean logit for every window key) weights it, inversely:
+        # g = rho2_mf / (rho2_rf + rho2_mf) for the random-feature tail, 1 - g for the mean-field tail.
+        p_win = window_dot(e_q, e_k, geometry) / m  # (B, H, Np, w*w), zero off the grid
+        with torch.no_grad():
+            inv_a = 1.0 / a_win.clamp_min(tiny)  # (B, H, Np, w*w)
+            mass = a_win.sum(dim=-1, keepdim=True).clamp_min(tiny)  # (B, H, Np, 1)
+            k_win = win_kv[..., :D] / (Np - n_tail)  # (B, H, Np, D): mean window key
+            a_mf_win = ((qs * k_win).sum(dim=-1, keepdim=True) - c_k - c_q).exp()  # (B, H, Np, 1)
+            rho2_rf = ((p_win - a_win).square() * inv_a).sum(dim=-1, keepdim=True) / mass  # (B, H, Np, 1)
+            rho2_mf = ((a_mf_win - a_win).square() * inv_a * valid).sum(dim=-1, keepdim=True) / mass
+            g = rho2_mf / (rho2_rf + rho2_mf).clamp_min(tiny)  # (B, H, Np, 1)
+
+        # Random-feature tail = global kernel sums minus the window's own kernel estimates.
+        ones = vp.new_ones(B, H, Np, 1)
+        context = e_k.transpose(-2, -1) @ torch.cat([vp, ones], dim=-1) / m  # (B, H, m, D+1)
+        tail = e_q @ context  # (B, H, Np, D+1)
         tail_den = (tail[..., -1:] - p_win.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (B, H, Np, 1)
-        g = tail_on if far_weight is None else tail_on * far_weight.float()  # (B|1, H, Np|1, 1)
-        weights = a_win - g * p_win  # (B, H, Np, w*w)
-        num = window_sum(weights, vp, geometry) + a_pre @ vc + g * tail[..., :-1]  # (B, H, Np, D)
-        den = a_win.sum(dim=-1, keepdim=True) + a_pre.sum(dim=-1, keepdim=True) + g * tail_den  # (B, H, Np, 1)
-        out = torch.cat([out_prefix, num / den], dim=2)  # (B, H, N, D)
+        fw = tail_on if far_weight is None else tail_on * far_weight.float()  # (B|1, H, Np, 1)
+        g_rf, g_mf = fw * g, fw * (1.0 - g) * a_mf  # (B, H, Np, 1) each
+        weights = a_win - g_rf * p_win  # (B, H, Np, w*w)
+        num = window_sum(weights, vp, geometry) + a_pre @ vpre + g_rf * tail[..., :-1] + g_mf * v_tail  # (B, H, Np, D)
+        den = (
+            a_win.sum(dim=-1, keepdim=True) + a_pre.sum(dim=-1, keepdim=True) + g_rf * tail_den + g_mf * n_tail
+        )  # (B, H, Np, 1)
+        out = torch.cat([out_prefix, num / den.clamp_min(tiny)], dim=2)  # (B, H, N, D)
     return out.to(out_dtype)
 
 
@@ -418,6 +443,8 @@ class AtrousLinearAttention(AttentionBase):
             + 2 * Np * w2 * D * 2  # window logits; window weights @ V
             + 2 * Np * P * D * 2  # prefix-key logits; their weights @ V
             + 2 * Np * w2 * m  # phi(q_i) . phi(k_j) on the window
+            + 2 * Np * w2 * 2 * D  # window sums of k and v (mean-field tail)
+            + 2 * Np * D * 2  # mean tail and mean window logits
         )
         if fusion == "gate":
             per_head += 2 * Np * D  # gate logits q_i . a_h
@@ -426,9 +453,10 @@ class AtrousLinearAttention(AttentionBase):
     @classmethod
     def uncounted_flops(cls, N, D, H, *, num_prefix_tokens, features, window, **hparams):
         # The window products (w*w logits and feature terms per patch, the window-weighted sum of
-        # values) run as shifted elementwise products, invisible to FlopCounterMode.
+        # values, the window sums of k and v) run as shifted elementwise products, and the mean tail and
+        # window logits as elementwise products: all invisible to FlopCounterMode.
         m, w2, Np = features, window**2, N - num_prefix_tokens
-        return H * (2 * Np * w2 * D * 2 + 2 * Np * w2 * m)
+        return H * (2 * Np * w2 * D * 2 + 2 * Np * w2 * m + 2 * Np * w2 * 2 * D + 2 * Np * D * 2)
 
     @classmethod
     def activation_bytes(cls, N, D, H, *, dtype_bytes, fused, num_prefix_tokens, features, window, **hparams):
@@ -436,11 +464,13 @@ class AtrousLinearAttention(AttentionBase):
         Np = N - P
         elems = (
             P * D + P * N  # prefix queries: scaled q, attention over all N keys
-            + 6 * Np * D  # q, k scaled for the features; scaled q, k, v, and the tail's values for the windows
-            + 8 * Np * m  # exps of the feature exponents, kernel parts e(q), e(k), phi(k) (+ transposed copy), phi(q)
-            + Np * (D + 1) + m * (D + 1)  # [V,1]; context
-            + 4 * Np * w2  # window logits, exact weights, phi terms, combined weights
-            + 4 * Np + 4 * Np * P  # denominators and tail weights; prefix logits and weights
+            + N * D  # centred keys
+            + 11 * Np * D  # scaled q; window copies of k, v; [k, v] for the tail means; mean tail key and
+            # value sum; scaled q, k for the features; [V,1]; the numerator
+            + 2 * Np * m + m * (D + 1)  # kernel parts e(q), e(k); context
+            + 3 * Np * w2  # window ones, exact weights, combined weights
+            + Np * P  # prefix weights
+            + 10 * Np  # mean-field weight, tail weights, denominators
         )
         return fp32_core_bytes(elems, N, D, H, dtype_bytes)
 
