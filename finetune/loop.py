@@ -29,7 +29,7 @@ from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from .callbacks import Callback, TrainState
-from .checkpoint import restore_checkpoint
+from .checkpoint import restore_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
 from .errors import ConfigError
 from .metrics import MemoryTracker, Throughput, device_peak_tflops, model_flops_utilization, topk_correct
@@ -287,6 +287,23 @@ def _epoch_metrics(
     return metrics
 
 
+def _swap_metrics(state: TrainState, resumed: bool, model: nn.Module, val_loader: Iterable, device: torch.device,
+                  cfg: TrainConfig, autocast_dtype: Optional[torch.dtype],
+                  batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> Dict[str, float]:
+    """``swap/loss`` and ``swap/acc{k}``: the model evaluated before its first training step (the
+    accuracy of pretrained weights swapped into the variant). A resumed run keeps the ones its
+    history holds (its weights are no longer the swapped ones). The evaluation runs between a
+    snapshot and a restore of every RNG, so training draws exactly what it draws without it."""
+    if resumed:
+        return {k: v for row in state.history[:1] for k, v in row.items() if k.startswith("swap/")}
+    saved = rng_state()
+    try:
+        val = evaluate(model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, batch_transform)
+    finally:
+        set_rng_state(saved)
+    return {"swap/" + k.split("/", 1)[1]: v for k, v in val.items() if k.startswith("val/")}
+
+
 # ----------------------------------------------------------------------------- the loop
 def fit(
     model: nn.Module,
@@ -311,7 +328,8 @@ def fit(
     `eval_batch_transform` run on the device after the copy (the decode-once cache path does its
     crop, flip and normalisation there). A train loader whose sampler has `set_epoch` gets it at the
     start of every epoch. A non-finite training loss stops the run with status ``diverged``
-    (reported as a metric, not raised).
+    (reported as a metric, not raised). With ``cfg.eval_at_start`` the model is evaluated once
+    before the first epoch and ``swap/loss``, ``swap/acc{k}`` join every epoch's metrics.
     """
     device = device or resolve_device(cfg.device)
     autocast_dtype, use_scaler = resolve_precision(cfg.precision, device)
@@ -332,6 +350,9 @@ def fit(
         restore_checkpoint(state, resume)
     else:
         seed_everything(cfg.seed)
+    if cfg.eval_at_start:
+        state.static_metrics.update(_swap_metrics(state, resume is not None, forward_model, val_loader, device, cfg,
+                                                  autocast_dtype, eval_batch_transform))
     for cb in callbacks:
         cb.on_fit_start(state)
 

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_train_command(sub)
+    __import__("orchestrator.eval_cli", fromlist=["add_eval_commands"]).add_eval_commands(sub)  # eval, fidelity
     try:
         from .cli_sweep import add_sweep_commands
     except ImportError as err:  # the sweep commands need Ray; train/data/bench do not

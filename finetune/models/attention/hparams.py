@@ -36,6 +36,7 @@ class HParam:
         short: the name in labels such as ``linformer k=16`` (default: the key).
         sweep: the values a sweep uses by default: one value is fixed, several are a grid; () leaves
             the key out of the default search-space block.
+        why: why the range is what it is, appended to the error message of a refused value.
     """
 
     type: type
@@ -49,6 +50,7 @@ class HParam:
     optional: bool = False
     short: str = ""
     sweep: Tuple[Any, ...] = ()
+    why: str = ""
 
     def __post_init__(self) -> None:
         if self.type not in KINDS:
@@ -109,10 +111,13 @@ class HParam:
         return tuple(self._scalar(variant, key, v, value) for v in value)
 
     def _scalar(self, variant: str, key: str, value: Any, whole: Any) -> Any:
+        why = f" ({self.why})" if self.why else ""
         if whole is value:
-            fail = AttentionConfigError(f"{variant} {key}={value!r} must be {self.allowed()}")
+            fail = AttentionConfigError(f"{variant} {key}={value!r} must be {self.allowed()}{why}")
         else:  # one element of a sequence
-            fail = AttentionConfigError(f"{variant} {key}={value!r} (in {list(whole)!r}) must be {self._element_allowed()}")
+            fail = AttentionConfigError(
+                f"{variant} {key}={value!r} (in {list(whole)!r}) must be {self._element_allowed()}{why}"
+            )
         if self.type is bool:
             if not isinstance(value, bool):
                 raise fail

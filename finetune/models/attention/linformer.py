@@ -8,8 +8,11 @@ softmax::
 
 E and F are learned, one pair per layer shared by its heads ("headwise sharing" in the paper), and are
 the variant's only new parameters: a pretrained softmax ViT loads into everything else. They are
-initialised N(0, 1/k), as in the paper's code, so ``E^T K`` starts as a random projection that keeps
-norms on average (Johnson-Lindenstrauss). ``share_kv=True`` uses one matrix for both (F = E).
+initialised as fairseq's Linformer (the authors' code, ``examples/linformer``) initialises its
+``compress_k``/``compress_v``: ``xavier_uniform_`` with gain 1/sqrt(2), i.e. U(-b, b) with
+b = sqrt(3 / (N + k)). At the swap of a pretrained softmax ViT this is 2-3x closer to softmax than
+N(0, 1/k) (N = 577, k = 64: relative error 1.18 vs 3.84), since ``E^T K`` then averages keys rather
+than summing them with unit-variance weights. ``share_kv=True`` uses one matrix for both (F = E).
 
 N must be known at construction (it fixes the parameter shapes), so the variant needs the patch grid;
 ``rank >= N`` is refused (nothing would be compressed).
@@ -103,11 +106,10 @@ class LinformerAttention(AttentionBase):
 
     @torch.no_grad()
     def reset_projections(self) -> None:
-        """E, F ~ N(0, 1/k)."""
-        std = 1.0 / math.sqrt(self.rank)
-        nn.init.normal_(self.E, std=std)
+        """E, F ~ xavier_uniform_ with gain 1/sqrt(2), as fairseq's Linformer."""
+        nn.init.xavier_uniform_(self.E, gain=1 / math.sqrt(2))
         if self.F is not None:
-            nn.init.normal_(self.F, std=std)
+            nn.init.xavier_uniform_(self.F, gain=1 / math.sqrt(2))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         F = self.E if self.F is None else self.F

@@ -59,14 +59,18 @@ def orthogonal_random_features(
 ) -> torch.Tensor:
     """Orthogonal Gaussian projection W: [features, head_dim] (FAVOR+ 'ORF' with chi-distributed norms).
 
-    Rows come in blocks of ``head_dim`` mutually orthogonal directions (QR of a Gaussian matrix), each
-    row rescaled to the norm of an independent Gaussian vector so marginals match N(0, I). Drawn on
+    Rows come in blocks of ``head_dim`` mutually orthogonal directions (QR of a Gaussian matrix, the
+    columns of Q multiplied by the signs of diag(R) so the directions are uniform), each row rescaled
+    to the norm of an independent Gaussian vector so marginals match N(0, I). Drawn on
     the CPU in fp32 (reproducible across devices) and moved to `device`.
     """
     blocks = []
     for _ in range(-(-features // head_dim)):
         gaussian = torch.randn(head_dim, head_dim, generator=generator, device="cpu")  # (D, D)
-        q, _ = torch.linalg.qr(gaussian)  # (D, D), orthonormal columns
+        q, r = torch.linalg.qr(gaussian)  # (D, D), orthonormal columns
+        # Sign correction: with diag(R) > 0 the QR factor is Haar-distributed; LAPACK's raw Q is not
+        # (its first column points away from the first axis in every draw: a biased kernel estimate).
+        q = q * torch.sign(torch.diagonal(r))[None, :]  # (D, D)
         blocks.append(q.T)
     directions = torch.cat(blocks, dim=0)[:features]  # (m, D)
     norms = torch.randn(features, head_dim, generator=generator, device="cpu").norm(dim=1)  # (m,)
