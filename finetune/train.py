@@ -67,11 +67,14 @@ def model_depth(name: str) -> int:
 
 
 def check_device(device: str) -> None:
-    """A `cuda:N` index must exist on this machine (the syntax is checked by TrainConfig)."""
+    """The device must exist on this machine: a `cuda:N` index below the CUDA device count, `mps` only
+    where MPS is available (the syntax is checked by TrainConfig)."""
     match = re.fullmatch(r"cuda:(\d+)", device)
     if match and torch.cuda.is_available() and int(match.group(1)) >= torch.cuda.device_count():
         count = torch.cuda.device_count()
         raise ConfigError(f"device={device!r} but this machine has {count} CUDA device(s); allowed: cuda:0..cuda:{count - 1}, cpu, auto")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device!r} but MPS is not available here; allowed: auto, cpu" + (", cuda" if torch.cuda.is_available() else ""))
 
 
 def _preprocessing_model(cfg: TrainConfig) -> torch.nn.Module:

@@ -45,7 +45,8 @@ class _BoundedSafeLoader(yaml.SafeLoader):
 
 
 def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())
+    """PyYAML's message (problem, position, source excerpt) on one line; the caller names the file."""
+    return " ".join(str(err).replace('in "<unicode string>", ', "at ").split())
 
 
 def parse_yaml(text: str, what: str) -> Any:
