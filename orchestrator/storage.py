@@ -144,6 +144,15 @@ class _FsHolder:
         self._options: Optional[Dict[str, Any]] = None
         self._fs: Optional[pafs.FileSystem] = None
 
+    def __getstate__(self) -> Dict[str, Any]:  # a Storage may travel to Ray workers
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @classmethod
     def local(cls) -> "_FsHolder":
         holder = cls("file")
@@ -290,23 +299,25 @@ class Storage:
     def download_dir(self, sub: str, local_dir: str | os.PathLike,
                      include: Optional[Callable[[str], bool]] = None) -> List[str]:
         """Copy the files under `sub` for which ``include(relative_posix_path)`` is true (all when
-        None) into `local_dir`, each written atomically; returns the relative paths copied. A key that
-        would land outside `local_dir` ('..', an absolute name) is refused."""
+        None) into `local_dir`, each written atomically; returns the relative paths copied.
+        FileNotFoundError if `sub` does not exist; a key that would land outside `local_dir` ('..', an
+        absolute name) is refused before anything is copied."""
         base = self._full(sub)
         infos = self.filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
         root = Path(local_dir).resolve()
-        copied = []
+        files = []
         for info in sorted(infos, key=lambda i: i.path):
             if info.type != pafs.FileType.File:
                 continue
             rel = info.path[len(base):].lstrip("/")
-            pieces = rel.split("/")
-            if not rel or any(p in ("", ".", "..") for p in pieces):
+            if not rel or any(p in ("", ".", "..") for p in rel.split("/")):
                 raise ConfigError(f"{self.uri}: refusing to download {info.path!r}, a name that would "
                                   f"land outside {str(root)!r}")
-            if include is not None and not include(rel):
-                continue
-            dest = root.joinpath(*pieces)
+            if include is None or include(rel):
+                files.append((info, rel))
+        copied = []
+        for info, rel in files:
+            dest = root.joinpath(*rel.split("/"))
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
             try:
@@ -342,7 +353,13 @@ def check_writable(storage: Storage, timeout_s: float = DEFAULT_CHECK_TIMEOUT_S)
     """Before any trial starts: `storage` exists (a bucket is never created here), credentials are
     present and accepted, the endpoint answers, and a probe object can be written, read back and
     deleted under the prefix, all within about `timeout_s`. Each failure is a `ConfigError` that names
-    the URI (without secrets) and what to fix."""
+    the URI (without secrets) and what to fix.
+
+    What cannot be told in advance: with no AWS credentials in the environment or the shared files and
+    instance metadata allowed, the AWS SDK asks the metadata service and, finding nothing, sends
+    unsigned requests. AWS S3 refuses those (reported as rejected credentials); a store that accepts
+    unsigned writes (a public-write bucket, moto) passes, with a warning. With AWS_EC2_METADATA_DISABLED
+    set, no credentials at all is refused before any request."""
     if storage.is_local:
         _bounded(lambda: _probe_local(storage), timeout_s, storage, "the directory did not answer")
         return
@@ -357,8 +374,14 @@ def check_writable(storage: Storage, timeout_s: float = DEFAULT_CHECK_TIMEOUT_S)
             )
     connect = max(0.5, min(3.0, timeout_s / 3))
     request = max(1.0, min(5.0, timeout_s / 2))
-    _bounded(lambda: _probe_object_store(storage, connect, request, timeout_s), timeout_s, storage,
-             f"the endpoint did not answer within {timeout_s:g} s")
+    try:
+        _bounded(lambda: _probe_object_store(storage, connect, request, timeout_s), timeout_s, storage,
+                 f"the endpoint did not answer within {timeout_s:g} s")
+    except ConfigError as err:
+        if storage.scheme == "s3" and not sources:
+            raise ConfigError(f"{err}; note: no AWS credentials were found in the environment or in "
+                              f"{_aws_files_shown()}") from None
+        raise
     if storage.scheme == "s3" and not sources:
         _logger.warning("%s: writes went through without AWS credentials from the environment or config "
                         "files (instance metadata, or unsigned requests the store accepted)", storage.uri)

@@ -49,6 +49,15 @@ def test_uris_resolve_without_network():
     assert resolve_storage("s3://bucket").path == "bucket"
 
 
+def test_storage_pickles_with_its_filesystem(tmp_path):
+    import pickle
+
+    for st in (resolve_storage(tmp_path), resolve_storage("s3://bucket/p?endpoint_override=127.0.0.1:9&scheme=http")):
+        assert st.filesystem is not None  # built before pickling
+        back = pickle.loads(pickle.dumps(st.join("exp")))
+        assert back.uri == st.join("exp").uri and back.filesystem.type_name == st.filesystem.type_name
+
+
 def test_credentials_in_a_uri_are_never_printed():
     secret = "wJalrXUtnFEMIK7MDENGbPxRfiCYSECRET"
     st = resolve_storage(f"s3://AKIAEXAMPLE:{secret}@bucket/p?endpoint_override=127.0.0.1:9&scheme=http")
@@ -255,6 +264,7 @@ def test_download_refuses_keys_that_climb_out(s3_bucket, tmp_path):
     with pytest.raises(ConfigError, match="outside"):
         st.download_dir("", tmp_path / "out")
     assert not (tmp_path / "evil").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))  # nothing copied
 
 
 # --------------------------------------------------------------------------------------------- Ray
