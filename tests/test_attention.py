@@ -177,12 +177,13 @@ def dense_hybrid(q, k, v, W, grid, P, dilation, window):
                     win[h0:h1, P + i, P + j] = True
     exact |= win
     tail = ~exact  # (H, N, N)
-    mass = (win * a).sum(-1, keepdim=True).clamp_min(1e-300)
-    rho2_rf = (win * (kern - a) ** 2 / a).sum(-1, keepdim=True) / mass
-    n_win = win.sum(-1, keepdim=True).clamp_min(1)  # (H, N, 1)
-    mean_field_win = ((q * (win.double() @ k / n_win)).sum(-1, keepdim=True) / math.sqrt(D)).exp()  # (B, H, N, 1)
-    rho2_mf = (win * (mean_field_win - a) ** 2 / a).sum(-1, keepdim=True) / mass
-    g = rho2_mf / (rho2_rf + rho2_mf).clamp_min(1e-300)  # (B, H, N, 1)
+    with torch.no_grad():  # the tail weight is held fixed in the gradient, as in the module
+        mass = (win * a).sum(-1, keepdim=True).clamp_min(1e-300)
+        rho2_rf = (win * (kern - a) ** 2 / a).sum(-1, keepdim=True) / mass
+        n_win = win.sum(-1, keepdim=True).clamp_min(1)  # (H, N, 1)
+        mean_field_win = ((q * (win.double() @ k / n_win)).sum(-1, keepdim=True) / math.sqrt(D)).exp()  # (B, H, N, 1)
+        rho2_mf = (win * (mean_field_win - a) ** 2 / a).sum(-1, keepdim=True) / mass
+        g = rho2_mf / (rho2_rf + rho2_mf).clamp_min(1e-300)  # (B, H, N, 1)
     n_tail = tail.sum(-1, keepdim=True).clamp_min(1)  # (H, N, 1)
     k_tail = (tail.double() @ k) / n_tail  # (B, H, N, D)
     mean_field = ((q * k_tail).sum(-1, keepdim=True) / math.sqrt(D)).exp()  # (B, H, N, 1)
