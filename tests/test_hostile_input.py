@@ -511,6 +511,18 @@ def test_one_class_data(capsys, name, per_class):
         refused(capsys, train(root, data=f"imagefolder:{imgs}"), "1 class(es)", "needs at least 2", root=root)
 
 
+@SETTINGS
+@given(data=st.data(), key=st.sampled_from(["classes", "size", "n", "n_val", "seed"]))
+def test_synthetic_options_out_of_range(capsys, data, key):
+    from finetune.data.spec import SYNTHETIC_OPTIONS
+
+    _, low, high = SYNTHETIC_OPTIONS[key]
+    value = data.draw(st.integers(high + 1, 10**40) | (st.integers(0, low - 1) if low > 0 else st.nothing())
+                      | st.sampled_from(["-1", "1.5", "x", "", "1e3"]))
+    with scratch() as root:
+        refused(capsys, train(root, data=f"synthetic:{key}={value}"), f"synthetic option {key}=", root=root)
+
+
 @FEW
 @given(depth=st.integers(0, 3), target=st.sampled_from(["self", "ancestor", "split", "root"]))
 def test_symlink_loops_in_an_image_folder(capsys, depth, target):

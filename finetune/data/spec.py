@@ -28,14 +28,14 @@ from typing import Any, Dict, Optional
 from ..errors import DataError
 
 KINDS = ("imagenet100", "hf", "imagefolder", "synthetic", "cache")
-# (default, minimum) of each synthetic option; the maximum of `classes` lives in synthetic.py.
-# seed=None: `build_data(..., seed=)` chooses the images.
+# (default, minimum, maximum) of each synthetic option; `classes` is also capped by the shapes and
+# colours there are (synthetic.py). seed=None: `build_data(..., seed=)` chooses the images.
 SYNTHETIC_OPTIONS: Dict[str, tuple] = {
-    "classes": (10, 2),
-    "size": (32, 8),
-    "n": (2000, 1),
-    "n_val": (500, 1),
-    "seed": (None, 0),
+    "classes": (10, 2, 1000),
+    "size": (32, 8, 1024),
+    "n": (2000, 1, 10_000_000),
+    "n_val": (500, 1, 10_000_000),
+    "seed": (None, 0, 2**32 - 1),
 }
 VAL_SPLITS = ("validation", "val", "test")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -130,7 +130,7 @@ def train_and_val_splits(splits, where: str) -> tuple:
 
 
 def _synthetic_defaults() -> Dict[str, int]:
-    return {k: default for k, (default, _) in SYNTHETIC_OPTIONS.items()}
+    return {k: default for k, (default, _, _) in SYNTHETIC_OPTIONS.items()}
 
 
 def _parse_synthetic_options(text: str, spec: str) -> Dict[str, int]:
@@ -147,8 +147,10 @@ def _parse_synthetic_options(text: str, spec: str) -> Dict[str, int]:
             )
         if not eq or not re.fullmatch(r"\d+", value):
             raise DataError(f"synthetic option {key}={value!r} in {spec!r} must be a non-negative integer")
-        minimum = SYNTHETIC_OPTIONS[key][1]
-        if int(value) < minimum:
+        _, minimum, maximum = SYNTHETIC_OPTIONS[key]
+        if len(value) <= 12 and int(value) < minimum:
             raise DataError(f"synthetic option {key}={value} in {spec!r} must be >= {minimum}")
+        if len(value) > 12 or int(value) > maximum:
+            raise DataError(f"synthetic option {key}={value} in {spec!r} must be <= {maximum}")
         options[key] = int(value)
     return options
