@@ -1,9 +1,19 @@
 """The comparison table: one row per configuration (trials that differ only in seed), mean ± std over
-seeds, the best configuration per variant marked; written as markdown and CSV."""
+seeds, the best configuration per variant marked; written as markdown and CSV.
+
+Statistics over seeds: acc@1 has a 95 % confidence interval from the t-distribution with n - 1
+degrees of freedom (scipy's quantile when scipy is installed, else a t-table for n - 1 <= 30 and the
+normal value 1.96 beyond), and each configuration is compared with the best softmax configuration by
+Welch's t-test at the 5 % level ("≈": the difference is within seed noise). The markdown table ends
+with that legend and a line saying whether the training budgets (epochs, batch size, data, the lr
+grid) were equal across variants. When trials report ``swap/acc1`` (``eval_at_start``), the accuracy
+at the swap is shown beside the final one.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -15,18 +25,70 @@ from finetune.models.attention import variant_hparams, variant_label
 
 from .results import TrialRecord
 
-COLUMNS = ("variant", "config", "seeds", "acc1", "acc5", "params_m", "gmacs", "gflops", "peak_mem_mb",
-           "train_img_s", "epochs", "status", "best")
+COLUMNS = ("variant", "config", "seeds", "acc1", "acc1_ci", "vs_softmax", "swap_acc1", "acc5", "params_m", "gmacs",
+           "gflops", "peak_mem_mb", "train_img_s", "epochs", "status", "best")
 HEADERS = {
-    "variant": "variant", "config": "configuration", "seeds": "seeds", "acc1": "val acc@1", "acc5": "val acc@5",
+    "variant": "variant", "config": "configuration", "seeds": "seeds", "acc1": "val acc@1",
+    "acc1_ci": "acc@1 95% CI", "vs_softmax": "vs softmax", "swap_acc1": "acc@1 at swap", "acc5": "val acc@5",
     "params_m": "params (M)", "gmacs": "GMACs", "gflops": "GFLOPs", "peak_mem_mb": "peak mem (MB)",
     "train_img_s": "train img/s", "epochs": "epochs", "status": "status", "best": "best",
 }
 CSV_COLUMNS = ("variant", "label", "configuration", "seeds", "n_trials", "acc1_mean", "acc1_std", "acc5_mean",
                "acc5_std", "params", "gmacs", "gflops", "peak_mem_mb", "train_img_s", "epochs", "status", "best",
-               "trial_ids")
+               "trial_ids", "acc1_ci_low", "acc1_ci_high", "vs_softmax", "swap_acc1_mean", "swap_acc1_std")
 # table column -> metric averaged over seeds
-SEED_MEANS = {"acc1": "val/acc1", "acc5": "val/acc5", "train_img_s": "throughput/train_img_s"}
+SEED_MEANS = {"acc1": "val/acc1", "acc5": "val/acc5", "train_img_s": "throughput/train_img_s",
+              "swap_acc1": "swap/acc1"}
+# Two-sided 97.5 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.96).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+# Config keys that make up a trial's training budget (beside the lr grid).
+BUDGET_KEYS = ("epochs", "batch_size", "data", "max_train_batches", "img_size")
+LEGEND = (
+    "acc@1 95% CI: mean ± t(0.975, n-1) · std / sqrt(n) over the n seeds (t from scipy, or a t-table for n-1 <= 30 "
+    "and 1.96 beyond); n/a with one seed. vs softmax: Welch's t-test of this row's seeds against the best softmax "
+    "configuration at the 5 % level: ≈ means the difference is within seed noise, + / − a significant gain / loss "
+    "(|t| above the t quantile for the Welch-Satterthwaite degrees of freedom); n/a with fewer than two seeds on "
+    "either side."
+)
+
+
+def t_quantile(dof: float) -> float:
+    """The 97.5 % quantile of Student's t with `dof` degrees of freedom (fractional: Welch)."""
+    try:
+        from scipy.stats import t as student_t
+    except ImportError:
+        whole = int(math.floor(dof))  # fewer degrees of freedom: the larger (conservative) quantile
+        return T_975[whole - 1] if 1 <= whole <= len(T_975) else 1.96
+    return float(student_t.ppf(0.975, dof))
+
+
+def confidence_interval(values: Sequence[float]) -> Optional[tuple]:
+    """(low, high) of the 95 % t-interval of the mean; None with fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile(n - 1) * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def welch_compare(a: Sequence[float], b: Sequence[float]) -> Optional[str]:
+    """'+' / '−' when mean(a) is significantly above / below mean(b) (Welch, 5 %), '≈' when not; None
+    with fewer than two values on either side."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
+    if va + vb == 0:
+        return "≈" if ma == mb else ("+" if ma > mb else "−")
+    t = (ma - mb) / math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / ((va**2 / (len(a) - 1) if va else 0.0) + (vb**2 / (len(b) - 1) if vb else 0.0))
+    if abs(t) <= t_quantile(dof):
+        return "≈"
+    return "+" if t > 0 else "−"
 
 
 @dataclass
@@ -124,6 +186,7 @@ def build_rows(records: Sequence[TrialRecord]) -> List[Row]:
                 "seeds": ",".join(str(t.config.get("seed")) for t in trials),
                 "acc1": mean_std["acc1"],
                 "acc5": mean_std["acc5"],
+                "swap_acc1": mean_std["swap_acc1"],
                 "params_m": params / 1e6 if params is not None else None,
                 "gmacs": _first(trials, "cost/gmacs"),
                 "gflops": _first(trials, "cost/gflops"),
@@ -134,12 +197,59 @@ def build_rows(records: Sequence[TrialRecord]) -> List[Row]:
             },
         ))
     _mark_best(rows)
+    _compare_with_softmax(rows)
     rows.sort(key=lambda r: (r.variant, -(r.values["acc1"][0] or -1.0)))
     return rows
 
 
+def _seed_values(row: Row, metric: str = "val/acc1") -> List[float]:
+    return [float(t.final[metric]) for t in row.trials if t.final.get(metric) is not None]
+
+
+def _compare_with_softmax(rows: Sequence[Row]) -> None:
+    """acc@1's confidence interval per row, and Welch's test against the best softmax row."""
+    reference = next((r for r in rows if r.variant == "softmax" and r.best), None)
+    for row in rows:
+        row.values["acc1_ci"] = confidence_interval(_seed_values(row))
+        if reference is None:
+            row.values["vs_softmax"] = None
+        elif row is reference:
+            row.values["vs_softmax"] = "reference"
+        else:
+            row.values["vs_softmax"] = welch_compare(_seed_values(row), _seed_values(reference))
+
+
+def budget_line(rows: Sequence[Row]) -> str:
+    """Whether every variant trained with the same budget: BUDGET_KEYS and the lr grid, per variant."""
+    per_variant: Dict[str, Dict[str, set]] = {}
+    for row in rows:
+        for t in row.trials:
+            keys = per_variant.setdefault(row.variant, {})
+            for key in (*BUDGET_KEYS, "lr"):
+                keys.setdefault(key, set()).add(_freeze(t.config.get(key)))
+    differing = []
+    for key in (*BUDGET_KEYS, "lr"):
+        grids = {v: tuple(sorted(keys.get(key, set()))) for v, keys in per_variant.items()}
+        if len(set(grids.values())) > 1:
+            name = "lr grid" if key == "lr" else key
+            shown = "; ".join(f"{v}: {', '.join(g)}" for v, g in grids.items())
+            differing.append(f"{name} ({shown})")
+    if len(per_variant) < 2:
+        return "Budgets: one variant only; nothing to compare."
+    if differing:
+        return "Budgets were NOT equal across variants: " + "; ".join(differing) + "."
+    first = next(iter(per_variant.values()))
+    same = ", ".join(f"{'lr grid' if k == 'lr' else k}={'/'.join(sorted(first[k]))}" for k in (*BUDGET_KEYS, "lr")
+                     if first.get(k) and first[k] != {"null"})
+    return f"Budgets were equal across variants ({same})."
+
+
 def _format(column: str, value: Any) -> str:
-    if column in ("acc1", "acc5"):
+    if column == "acc1_ci":
+        return "n/a" if value is None else f"[{value[0]:.3f}, {value[1]:.3f}]"
+    if column == "vs_softmax":
+        return "n/a" if value is None else ("—" if value == "reference" else value)
+    if column in ("acc1", "acc5", "swap_acc1"):
         mean, std = value if value else (None, None)
         if mean is None:
             return "n/a"
@@ -154,12 +264,19 @@ def _format(column: str, value: Any) -> str:
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """The table, then its statistics legend and the budget line. "acc@1 at swap" appears when any
+    trial reports ``swap/acc1``."""
+    with_swap = any(r.values.get("swap_acc1", (None, None))[0] is not None for r in rows)
+    columns = [c for c in COLUMNS if c != "swap_acc1" or with_swap]
+    lines = ["| " + " | ".join(HEADERS[c] for c in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [row.cell(c).replace("|", "\\|") for c in COLUMNS]
+        cells = [row.cell(c).replace("|", "\\|") for c in columns]
         if row.best:
             cells[0] = f"**{cells[0]}**"
         lines.append("| " + " | ".join(cells) + " |")
+    legend = LEGEND + (" acc@1 at swap: the model evaluated before its first training step (eval_at_start), "
+                       "mean ± std over seeds." if with_swap else "")
+    lines += ["", legend, "", budget_line(rows)]
     return "\n".join(lines)
 
 
@@ -169,7 +286,8 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
         (r.variant, r.label, r.values["config"], r.values["seeds"], len(r.trials), *r.values["acc1"],
          *r.values["acc5"], _first(r.trials, "cost/params"), r.values["gmacs"], r.values["gflops"],
          r.values["peak_mem_mb"], r.values["train_img_s"], r.values["epochs"], r.values["status"], r.best,
-         " ".join(t.trial_id for t in r.trials))
+         " ".join(t.trial_id for t in r.trials), *(r.values.get("acc1_ci") or (None, None)), r.values.get("vs_softmax"),
+         *r.values.get("swap_acc1", (None, None)))
         for r in rows
     ], columns=list(CSV_COLUMNS), dtype=object)
     table.to_csv(path, index=False, lineterminator="\r\n")

@@ -29,7 +29,7 @@ def smoke() -> dict:
             "img_size": 32, "patch_size": 4, "depth": 6, "augment": "none", "num_workers": 0,
             "data": "synthetic:classes=10,size=32,n=800,n_val=200",
             "epochs": 2, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 0.5,
-            "device": "auto", "precision": "fp32",
+            "device": "auto", "precision": "fp32", "eval_at_start": True,
         },
         "variants": [
             variants.block("softmax"),
@@ -53,7 +53,7 @@ def imagenet100() -> dict:
         "fixed": {
             "model": "vit_small_patch16_224", "pretrained": True, "data": "imagenet100",
             "epochs": 30, "batch_size": 128, "weight_decay": 0.05, "warmup_epochs": 3,
-            "precision": "bf16", "num_workers": 8, "layer_decay": 0.75, "drop_path": 0.1,
+            "precision": "bf16", "num_workers": 8, "layer_decay": 0.75, "drop_path": 0.1, "eval_at_start": True,
         },
         "search": optim.grid(lr=(5e-4, 1e-3)),
         "variants": [
