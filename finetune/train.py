@@ -13,7 +13,7 @@ import logging
 import platform
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import timm
 import torch
@@ -134,13 +134,15 @@ def run_training(
     progress: bool = True,
     local_checkpoints: bool = True,
     before_write: Optional[Callable[[], None]] = None,
+    extra_result: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Validate everything, then train; nothing is written under `out_dir` before validation passes.
 
     `resume_from`: a checkpoint directory; its config must equal `cfg` but for `RESUMABLE_CHANGES`
     (`finetune.checkpoint.check_resume_config`). `before_write` runs once, after the config, the
     checkpoint, the data and the model have been checked and built and before anything is written
-    under `out_dir` (`vitsweep train --overwrite` moves the previous run aside there).
+    under `out_dir` (`vitsweep train --overwrite` moves the previous run aside there). `extra_result`:
+    fields added to the result (and result.json), e.g. the nodes a sweep trial ran on.
 
     Returns ``{"status", "metrics", "history", "config", ...}`` (also written to result.json).
     """
@@ -245,6 +247,8 @@ def run_training(
             },
         }
     )
+    if extra_result:
+        result.update(extra_result)
     if out_dir is not None:
         from .weights import save_weight_dict
 
