@@ -1,4 +1,4 @@
-"""`vitsweep`: the command line. Subcommands: train, run, resume, report, data show, bench.
+"""`vitsweep`: the command line. Subcommands: train, run, resume, report, submit, data show, bench.
 
 `train`, `data` and `bench` never import Ray (they run on GPU boxes without it); the sweep commands
 import it when called.
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from .cli_sweep import add_sweep_commands
     except ImportError as err:  # the sweep commands need Ray; train/data/bench do not
-        _add_unavailable(sub, ("run", "resume", "report"), err)
+        _add_unavailable(sub, ("run", "resume", "report", "submit"), err)
     else:
         add_sweep_commands(sub)
     _add_data_command(sub)

@@ -1,4 +1,4 @@
-"""``vitsweep run | resume | report``: the sweep subcommands.
+"""``vitsweep run | resume | report | submit``: the sweep subcommands.
 
 `orchestrator.cli` (the ``vitsweep`` entry point) calls `add_sweep_commands(subparsers)`; each
 subcommand sets ``func(args) -> exit code`` (0 ok, 1 some trials errored, 2 bad input). Bad input is
@@ -16,10 +16,12 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from finetune.errors import ConfigError, VitsweepError
-from search_spaces import SweepOverrides, load_sweep
+from search_spaces import SweepOverrides
 
-from .report import write_report
-from .sweep import DEFAULT_STORAGE, local_resources, resume_sweep, run_sweep
+from .report import build_storage_report
+from .storage import resolve_storage
+from .submit import add_submit_arguments, submit
+from .sweep import DEFAULT_STORAGE, load_cluster_sweep, load_run_sweep, resume_sweep, run_sweep
 
 
 def _parse_set(values: Optional[List[str]]) -> Dict[str, Any]:
@@ -32,21 +34,33 @@ def _parse_set(values: Optional[List[str]]) -> Dict[str, Any]:
     return fixed
 
 
+def _print_where(uri: str, local_dir: Path, report, uploaded) -> None:
+    """Where the experiment and its report are, and how to look at them."""
+    print(f"experiment: {uri}")
+    if uploaded is None:  # built in place
+        print(f"report:     {report.markdown_path}  {report.csv_path}  {report.directory / 'plots'}")
+    else:
+        where = "uploaded to the experiment" if uploaded is True else str(uploaded)
+        print(f"report:     comparison.md, comparison.csv, plots/ ({where})")
+        print(f"local copy: {local_dir} (tables, plots, results, TensorBoard events; no checkpoints)")
+    print(f"tensorboard --logdir {local_dir} --host 127.0.0.1")
+
+
 def _print_outcome(outcome) -> int:
     report = outcome.report
     print()
     print(report.table)
     print()
-    print(f"experiment: {outcome.experiment_dir}")
-    print(f"report:     {report.markdown_path}  {report.csv_path}  {report.directory / 'plots'}")
-    print(f"tensorboard --logdir {outcome.experiment_dir}")
+    uploaded = None if outcome.experiment.is_local else True
+    _print_where(outcome.experiment.uri, outcome.experiment_dir, report, uploaded)
     if outcome.missing_trials:
         print(f"warning: {outcome.missing_trials} grid trial(s) were never created (see the log above)")
     return 1 if outcome.num_errors or outcome.missing_trials else 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    overrides = SweepOverrides(
+def run_overrides(args: argparse.Namespace) -> SweepOverrides:
+    """The sweep options of `vitsweep run`'s flags."""
+    return SweepOverrides(
         num_samples=args.num_samples,
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
@@ -56,30 +70,42 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_failures=args.max_failures,
         fixed=_parse_set(args.set),
     )
-    resolved = load_sweep(
-        args.preset if args.preset is not None else Path(args.config),
-        overrides,
-        local_resources=local_resources(args.address, args.num_cpus, args.num_gpus),
-    )
+
+
+def run_source(args: argparse.Namespace):
+    return args.preset if args.preset is not None else Path(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    storage = resolve_storage(args.storage)  # the syntax first: no I/O
+    resolved = load_run_sweep(run_source(args), run_overrides(args), address=args.address,
+                              num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     outcome = run_sweep(
-        resolved, storage=args.storage, name=args.name, address=args.address, num_cpus=args.num_cpus,
+        resolved, storage=storage, name=args.name, address=args.address, num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
     )
     return _print_outcome(outcome)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    outcome = resume_sweep(args.directory, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    outcome = resume_sweep(args.experiment, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     return _print_outcome(outcome)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    report = write_report(args.directory)
-    print(report.table)
+    built = build_storage_report(resolve_storage(args.experiment), args.out)
+    print(built.report.table)
     print()
-    print(f"report: {report.markdown_path}  {report.csv_path}  {report.directory / 'plots'}")
-    print(f"tensorboard --logdir {report.directory}")
+    _print_where(built.experiment.uri, built.local_dir, built.report, built.uploaded)
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    if args.run[:1] == ["--"]:
+        args.run = args.run[1:]
+    run_args = add_run_arguments(argparse.ArgumentParser(
+        prog="vitsweep submit ... --", description="the options of `vitsweep run` for the job")).parse_args(args.run)
+    return submit(args, load=lambda: load_cluster_sweep(run_source(run_args), run_overrides(run_args)))
 
 
 def _guarded(func):
@@ -107,13 +133,15 @@ def _local_resource_flags(parser: argparse.ArgumentParser) -> None:
                         help="GPUs of the local instance (default: CUDA devices torch sees)")
 
 
-def add_sweep_commands(subparsers) -> None:
-    """Register ``run``, ``resume`` and ``report`` on an argparse subparsers object."""
-    run = subparsers.add_parser("run", help="run a sweep with Ray Tune", description=run_help())
+def add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`vitsweep run`'s options on `run` (also what `vitsweep submit` passes on to the job)."""
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help="a preset from search_spaces.presets (smoke, imagenet100, scaling, ...)")
     source.add_argument("--config", help="a sweep YAML file (schema: search_spaces/spec.py)")
-    run.add_argument("--storage", default=DEFAULT_STORAGE, help="results root (default ./ray_results, made absolute)")
+    run.add_argument("--storage", default=DEFAULT_STORAGE,
+                     help="results root: a directory (default ./ray_results, made absolute; on a cluster a shared/NFS "
+                          "path every node mounts) or a URI: s3://bucket/prefix[?endpoint_override=host:port&"
+                          "scheme=http], gs://bucket/prefix")
     run.add_argument("--name", help="experiment name (default <preset>-<timestamp>)")
     run.add_argument("--num-samples", type=int, help="grid/random: repeats of the space; optuna: trials")
     run.add_argument("--gpus-per-trial", type=_positive_float, help="GPUs per trial; fractions share a GPU (0.5)")
@@ -127,16 +155,38 @@ def add_sweep_commands(subparsers) -> None:
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a fixed TrainConfig value (repeatable; VALUE in YAML), e.g. --set epochs=1")
     _local_resource_flags(run)
+    return run
+
+
+def add_sweep_commands(subparsers) -> None:
+    """Register ``run``, ``resume``, ``report`` and ``submit`` on an argparse subparsers object."""
+    run = subparsers.add_parser("run", help="run a sweep with Ray Tune", description=run_help())
+    add_run_arguments(run)
     run.set_defaults(func=_guarded(cmd_run))
 
     resume = subparsers.add_parser("resume", help="continue a stopped sweep from its trials' checkpoints")
-    resume.add_argument("directory", help="the experiment directory (STORAGE/NAME)")
+    resume.add_argument("experiment", help="the experiment: STORAGE/NAME, a directory or a URI (s3://bucket/prefix/NAME)")
     _local_resource_flags(resume)
     resume.set_defaults(func=_guarded(cmd_resume))
 
-    report = subparsers.add_parser("report", help="rebuild comparison.md/.csv and plots from an experiment on disk")
-    report.add_argument("directory", help="the experiment directory (STORAGE/NAME)")
+    report = subparsers.add_parser(
+        "report", help="rebuild comparison.md/.csv and plots of an experiment, from a directory or a URI",
+        description="Rebuild the comparison table and plots from what the experiment holds, on any machine that "
+                    "can read it. A URI's small files (tables, plots, results, TensorBoard events; no "
+                    "checkpoints) are copied to --out (default: a new temp directory), the report is built "
+                    "there and uploaded back when the storage accepts writes.")
+    report.add_argument("experiment", help="the experiment: STORAGE/NAME, a directory or a URI (s3://bucket/prefix/NAME)")
+    report.add_argument("--out", metavar="DIR",
+                        help="local directory for the copy and the report (a URI: default a new temp directory; "
+                             "a directory: default in place)")
     report.set_defaults(func=_guarded(cmd_report))
+
+    sub = subparsers.add_parser(
+        "submit", help="run a sweep as a Ray job on a cluster; results in shared or cloud storage",
+        description="Validate the sweep here, then submit `vitsweep run ... --storage STORAGE --name NAME` to "
+                    "the cluster's job server. Everything after `--` is passed to `vitsweep run`.")
+    add_submit_arguments(sub)
+    sub.set_defaults(func=_guarded(cmd_submit))
 
 
 def run_help() -> str:

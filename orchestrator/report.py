@@ -1,6 +1,7 @@
 """The comparison report of a sweep, rebuilt from what the experiment directory holds on disk.
 
-Nothing is re-run and Ray is not started. `results` reads the trials, `tables` groups them into one
+Nothing is re-run and Ray is not started. An experiment in an object store is reported from a local
+copy of its small files (`report_storage`): the report is built there and uploaded back. `results` reads the trials, `tables` groups them into one
 row per configuration (trials that differ only in ``seed``; mean ± std over seeds), `plots` draws
 them. Outputs in the experiment directory: ``comparison.md``, ``comparison.csv`` and ``plots/*.png``
 (accuracy vs GMACs, accuracy vs peak memory, throughput per variant, learning curves).
@@ -8,15 +9,31 @@ them. Outputs in the experiment directory: ``comparison.md``, ``comparison.csv``
 
 from __future__ import annotations
 
+import logging
+import re
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Dict, List, Optional
+from pathlib import Path, PurePosixPath
+from typing import Dict, List, Optional, Tuple
+
+from finetune.errors import ReportError
 
 from .plots import write_plots
 from .results import MARKER, TrialRecord, collect_trials
+from .storage import Storage
 from .tables import Row, build_rows, markdown_table, write_csv
 
-__all__ = ["MARKER", "Report", "write_report"]
+__all__ = ["MARKER", "Report", "report_storage", "write_report"]
+
+_logger = logging.getLogger(__name__)
+
+REPORT_FILES = ("comparison.md", "comparison.csv")
+PLOTS_DIR = "plots"
+# What a report (and TensorBoard) needs from an experiment: Tune's state and logs, each trial's params,
+# run/result.json, error and TensorBoard events; never checkpoints or weights.
+_SMALL_FILES = frozenset({MARKER, *REPORT_FILES, "result.json", "params.json", "params.pkl", "progress.csv",
+                          "error.txt", "error.pkl", "preprocessing.json", "weights.json"})
+_SMALL_PATTERN = re.compile(r"^(experiment_state-.*\.json|basic-variant-state-.*\.json|events\.out\.tfevents\..*)$")
 
 
 @dataclass
@@ -31,8 +48,11 @@ class Report:
 
 
 def _markdown(exp_dir: Path, records: List[TrialRecord], rows: List[Row], table: str,
-              plots: Dict[str, Optional[str]]) -> str:
-    lines = [f"# Sweep comparison: {exp_dir.name}", "",
+              plots: Dict[str, Optional[str]], uri: Optional[str]) -> str:
+    lines = [f"# Sweep comparison: {exp_dir.name}", ""]
+    if uri is not None:
+        lines += [f"Experiment: `{uri}`", ""]
+    lines += [
              f"{len(records)} trials, {len(rows)} configurations (trials differing only in seed are one row; "
              "acc is the last reported epoch, mean ± std over seeds). Best configuration per variant in bold.", "",
              table, ""]
@@ -43,13 +63,17 @@ def _markdown(exp_dir: Path, records: List[TrialRecord], rows: List[Row], table:
     for name, note in plots.items():
         lines.append(f"- [plots/{name}](plots/{name})" + (f": {note}" if note else ""))
     lines += ["", "## Logs", "",
-              "TensorBoard (every trial writes scalars, hparams and a sample grid under `<trial>/run/tb`):", "",
-              f"    tensorboard --logdir {exp_dir}", ""]
+              "TensorBoard (every trial writes scalars, hparams and a sample grid under `<trial>/run/tb`):", ""]
+    if uri is None:
+        lines += [f"    tensorboard --logdir {exp_dir}", ""]
+    else:
+        lines += [f"    vitsweep report '{uri}' --out DIR && tensorboard --logdir DIR", ""]
     return "\n".join(lines)
 
 
-def write_report(exp_dir: str | Path) -> Report:
-    """Write comparison.md, comparison.csv and plots/ into `exp_dir`; returns what was written."""
+def write_report(exp_dir: str | Path, *, uri: Optional[str] = None) -> Report:
+    """Write comparison.md, comparison.csv and plots/ into `exp_dir`; returns what was written. `uri`:
+    where the experiment lives when `exp_dir` is a local copy of it (named in comparison.md)."""
     exp_dir = Path(exp_dir).resolve()
     records = collect_trials(exp_dir)
     rows = build_rows(records)
@@ -58,5 +82,68 @@ def write_report(exp_dir: str | Path) -> Report:
     csv_path = exp_dir / "comparison.csv"
     write_csv(rows, csv_path)
     md_path = exp_dir / "comparison.md"
-    md_path.write_text(_markdown(exp_dir, records, rows, table, plots))
+    md_path.write_text(_markdown(exp_dir, records, rows, table, plots, uri))
     return Report(exp_dir, rows, records, table, md_path, csv_path, plots)
+
+
+def is_report_input(rel: str) -> bool:
+    """`rel` (a path inside an experiment) is one of the small files a report or TensorBoard reads."""
+    parts = PurePosixPath(rel).parts
+    if any(p.startswith("checkpoint_") for p in parts):
+        return False
+    if parts and parts[0] == PLOTS_DIR:
+        return True
+    name = parts[-1] if parts else ""
+    return name in _SMALL_FILES or bool(_SMALL_PATTERN.match(name))
+
+
+@dataclass
+class StorageReport:
+    """A report of the experiment at `experiment`, built in `local_dir`; `uploaded`: the report files
+    went back to the experiment (None: built in place; else True, or the reason it could not)."""
+
+    experiment: Storage
+    local_dir: Path
+    report: Report
+    uploaded: Optional[object]
+
+
+def report_storage(exp: Storage, out: Optional[str | Path] = None) -> Tuple[Report, Path]:
+    """The report of the experiment `exp` (a local directory or a URI); returns it and the local
+    directory it was built in. See `build_storage_report`."""
+    built = build_storage_report(exp, out)
+    return built.report, built.local_dir
+
+
+def build_storage_report(exp: Storage, out: Optional[str | Path] = None) -> StorageReport:
+    """Build the report of `exp` from any machine that can read it.
+
+    A local experiment without `out` is reported in place. Otherwise the small files (`is_report_input`:
+    Tune's state and logs, params, run/result.json, errors, TensorBoard events; no checkpoints) are
+    copied to `out` (a new temp directory when None), the report is built there, and comparison.md,
+    comparison.csv and plots/ are uploaded back to `exp` when it accepts writes. `tensorboard --logdir`
+    works on the local directory afterwards.
+    """
+    if exp.is_local and out is None:
+        return StorageReport(exp, Path(exp.path), write_report(exp.path), None)
+    if not exp.is_dir():
+        raise ReportError(f"{exp.uri!r} does not exist or holds nothing")
+    if out is None:
+        local = Path(tempfile.mkdtemp(prefix=f"vitsweep-report-{PurePosixPath(exp.path).name}-"))
+    else:
+        local = Path(out).expanduser().resolve()
+        if local.exists() and not local.is_dir():
+            raise ReportError(f"--out {str(local)!r} is an existing file; give a directory")
+        if exp.is_local and local == Path(exp.path):
+            return StorageReport(exp, local, write_report(local), None)
+    exp.download_dir("", local, include=is_report_input)
+    report = write_report(local, uri=None if exp.is_local else exp.uri)
+    try:
+        for name in REPORT_FILES:
+            exp.write_bytes(name, (local / name).read_bytes())
+        if (local / PLOTS_DIR).is_dir():
+            exp.upload_dir(local / PLOTS_DIR, PLOTS_DIR)
+    except OSError as err:  # a read-only bucket or directory: the local report stands
+        _logger.warning("could not upload the report to %s: %s", exp.uri, err)
+        return StorageReport(exp, local, report, f"not uploaded: {err}")
+    return StorageReport(exp, local, report, True)

@@ -1,27 +1,35 @@
 """The sweep driver: a `ResolvedSweep` -> Ray -> `tune.Tuner` -> report; and resume of a stopped sweep.
 
 Order matters: `search_spaces.load_sweep` validates every value (and the local instance's resources)
-*before* ``ray.init``, once; only the resources of a cluster joined with ``--address`` are checked
-after joining, before any trial starts.
+*before* ``ray.init``, once; the storage is checked next (`orchestrator.storage.check_writable`), still
+before Ray starts; only the resources of a cluster joined with ``--address`` are checked after joining,
+before any trial starts.
+
+Everything vitsweep writes goes through one `Storage` (a local/NFS directory or an object-store URI):
+Ray Tune writes its state and checkpoints with the storage's filesystem, the marker and the report go
+through the same object, and each trial's run outputs reach it with Tune's artifact sync.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import importlib
 import logging
 import os
 import re
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from finetune.errors import ConfigError
-from finetune.io_utils import read_tagged_json, write_json
-from search_spaces import ResolvedSweep, SweepSpec, load_sweep, validate_resources
+from finetune.io_utils import json_safe
+from search_spaces import ResolvedSweep, SweepOverrides, SweepSpec, load_sweep, validate_resources
 from trainables.layout import trial_label
 
-from .report import MARKER, Report, write_report
+from .report import MARKER, Report, report_storage
+from .storage import Storage, check_writable, resolve_storage
 
 _logger = logging.getLogger(__name__)
 
@@ -91,6 +99,69 @@ def init_ray(address: Optional[str], num_cpus: Optional[float], num_gpus: Option
     ray.init(**kwargs)
 
 
+# Stands in for a data path that exists only on the cluster's nodes while the rest is validated here:
+# a well-formed hub id (never contacted by validation, and its class count unknown, as the path's is).
+_DATA_STAND_IN = "hf:vitsweep/data-on-the-cluster-nodes"
+
+
+def data_paths_elsewhere(spec: SweepSpec) -> Dict[str, str]:
+    """The sweep's data specs whose local path (``imagefolder:``, ``cache:``, ``imagenet100:DIR``,
+    ``hf:DIR``) does not exist on this machine -> the path."""
+    from finetune.data import parse_data_spec
+    from finetune.data.spec import is_local_path
+    from search_spaces.validate import trial_configs
+
+    away = {}
+    for _, _, flat in trial_configs(spec):
+        data = flat.get("data")
+        if not isinstance(data, str):
+            continue
+        ds = parse_data_spec(data)
+        has_path = ds.target is not None and (ds.kind in ("imagefolder", "cache", "imagenet100")
+                                              or (ds.kind == "hf" and is_local_path(ds.target)))
+        if has_path and not os.path.exists(os.path.expanduser(ds.target)):
+            away[data] = ds.target
+    return away
+
+
+def _replace_strings(obj: Any, mapping: Dict[str, str]) -> Any:
+    if isinstance(obj, str):
+        return mapping.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _replace_strings(v, mapping) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_replace_strings(v, mapping) for v in obj]
+    return obj
+
+
+def load_cluster_sweep(source: Any, overrides: Optional[SweepOverrides] = None) -> ResolvedSweep:
+    """`load_sweep` for a sweep whose trials run on a cluster's nodes, which read the data, not this
+    machine: everything is checked here as for a local run (structure, every value, the model's
+    geometry), except that a data path that does not exist here is left to each trial's node (a trial
+    whose node lacks it fails naming the node and the path). Resources are checked after joining."""
+    from search_spaces.validate import check_trial_configs
+
+    resolved = load_sweep(source, overrides, check_geometry=False)
+    away = data_paths_elsewhere(resolved.spec)
+    for path in sorted(set(away.values())):
+        _logger.warning("data path %s does not exist on this machine; each trial checks it on its own node", path)
+    stand_ins = {data: ("imagenet100" if data.startswith("imagenet100:") else _DATA_STAND_IN) for data in away}
+    spec = SweepSpec.from_dict(_replace_strings(resolved.spec.to_dict(), stand_ins)) if away else resolved.spec
+    check_trial_configs(spec, check_geometry=True)
+    return dataclasses.replace(resolved, geometry_checked=True)
+
+
+def load_run_sweep(source: Any, overrides: Optional[SweepOverrides] = None, *, address: Optional[str] = None,
+                   num_cpus: Optional[float] = None, num_gpus: Optional[float] = None) -> ResolvedSweep:
+    """What `vitsweep run` validates before Ray starts: a local run checks everything here, the data
+    included, and each trial's resources against the local instance; a run that joins a cluster uses
+    `load_cluster_sweep`."""
+    available = local_resources(address, num_cpus, num_gpus)
+    if available is None:
+        return load_cluster_sweep(source, overrides)
+    return load_sweep(source, overrides, local_resources=available)
+
+
 def check_cluster(spec: SweepSpec) -> None:
     """After joining: the cluster must hold one trial's resources."""
     import ray
@@ -125,18 +196,22 @@ def trial_dirname(trial) -> str:
     return f"{trial.trial_id}_{_UNSAFE_IN_NAME.sub('_', trial_label(trial.config))}"
 
 
-def storage_location(storage: str | Path, name: str) -> Tuple[str, Path]:
-    """``--storage`` as Tune's ``storage_path`` (made absolute) and the experiment directory in it."""
-    root = Path(storage).resolve()
-    return str(root), root / name
+def as_storage(storage: str | Path | Storage) -> Storage:
+    """``--storage`` (a path or a URI, see `orchestrator.storage.resolve_storage`) as a `Storage`."""
+    return storage if isinstance(storage, Storage) else resolve_storage(storage)
+
+
+def default_name(spec: SweepSpec) -> str:
+    return f"{spec.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def _trial_resources(spec: SweepSpec) -> Dict[str, float]:
     return {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]}
 
 
-def build_tuner(resolved: ResolvedSweep, storage_path: str, name: str, trainable: Optional[Callable] = None):
-    """The `tune.Tuner` for a resolved sweep (Ray must be initialised only for `fit`)."""
+def build_tuner(resolved: ResolvedSweep, storage: Storage, name: str, trainable: Optional[Callable] = None):
+    """The `tune.Tuner` for a resolved sweep, writing to ``storage/name`` (Ray must be initialised only
+    for `fit`)."""
     from ray import tune
 
     spec = resolved.spec
@@ -154,16 +229,18 @@ def build_tuner(resolved: ResolvedSweep, storage_path: str, name: str, trainable
     )
     run_config = tune.RunConfig(
         name=name,
-        storage_path=storage_path,
+        storage_path=storage.ray_storage_path,
+        storage_filesystem=storage.ray_storage_filesystem,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=spec.num_to_keep,
             checkpoint_score_attribute=spec.metric,
             checkpoint_score_order=spec.mode,
         ),
-        # With reuse_actors, Ray gives each reused trial a working directory it syncs to storage only
-        # when artifacts are synced; without this the run outputs (weights, TensorBoard, run/result.json)
-        # of every trial after an actor's first stay in /tmp/ray and never reach the experiment.
+        # Each trial writes its run outputs (weights, TensorBoard, run/result.json) into its working
+        # directory on its own node; artifact sync uploads them to the storage with every checkpoint
+        # and at the end. Without it they stay in /tmp/ray on that node (and with reuse_actors, every
+        # trial after an actor's first loses them even on one machine).
         sync_config=tune.SyncConfig(sync_artifacts=True),
         verbose=1,
     )
@@ -175,72 +252,86 @@ def build_tuner(resolved: ResolvedSweep, storage_path: str, name: str, trainable
     )
 
 
-def write_marker(exp_dir: Path, resolved: ResolvedSweep, trainable: str) -> Path:
+def write_marker(exp: Storage, resolved: ResolvedSweep, trainable: str) -> None:
     """The experiment marker: what `resume_sweep` rebuilds the sweep from. ``validated``: the values
-    were checked against the model's geometry at `run` (resume then skips that check)."""
+    were checked against the model's geometry at `run` (resume then skips that check). ``storage``: the
+    printable URI (never a secret)."""
     from finetune import __version__
 
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    path = exp_dir / MARKER
-    write_json(path, {
+    marker = {
         "format": MARKER_FORMAT,
         "version": __version__,
         "source": resolved.spec.source,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "storage": exp.uri,
         "trainable": trainable,
         "validated": resolved.geometry_checked,
         "spec": resolved.spec.to_dict(),
-    })
-    return path
+    }
+    exp.write_bytes(MARKER, (json.dumps(json_safe(marker), indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_marker(exp_dir: str | Path) -> Dict[str, Any]:
+def read_marker(exp: Storage) -> Dict[str, Any]:
     """The marker of a vitsweep experiment; anything else is refused with the reason."""
-    exp_dir = Path(exp_dir)
-    if not exp_dir.is_dir():
-        raise ConfigError(f"{str(exp_dir)!r} is not a directory")
-    path = exp_dir / MARKER
-    if not path.is_file():
-        raise ConfigError(f"{str(exp_dir)!r} is not a vitsweep experiment ({MARKER} is missing)")
-    return read_tagged_json(path, MARKER_FORMAT, "vitsweep experiment marker", ConfigError)
+    if not exp.is_dir():
+        raise ConfigError(f"{exp.uri!r} is not a directory (or holds nothing)")
+    try:
+        raw = exp.read_bytes(MARKER)
+    except FileNotFoundError:
+        raise ConfigError(f"{exp.uri!r} is not a vitsweep experiment ({MARKER} is missing)") from None
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"vitsweep experiment marker in {exp.uri!r} is not valid JSON (corrupt?): {err}") from None
+    if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"{exp.uri!r}: {MARKER} is not a vitsweep experiment marker (format={found!r}, "
+                          f"expected {MARKER_FORMAT!r})")
+    return data
 
 
 @dataclass
 class SweepOutcome:
+    """`experiment`: where the results are (``STORAGE/NAME``); `experiment_dir`: the local directory the
+    report was built in (the experiment itself on local storage, a local copy for a URI)."""
+
+    experiment: Storage
     experiment_dir: Path
     report: Report
     num_errors: int
     missing_trials: int = 0
 
 
-def _finish(exp_dir: Path, results, expected: Optional[int] = None) -> SweepOutcome:
-    report = write_report(exp_dir)
+def _finish(exp: Storage, results, expected: Optional[int] = None) -> SweepOutcome:
+    report, local_dir = report_storage(exp)
     missing = max(0, expected - len(report.records)) if expected is not None else 0
     if missing:
         # Seen with Ray 2.60: with max_concurrent on grid/random, trials are generated lazily, and a
         # driver killed at the wrong moment can leave the restored generator unable to create the rest.
         _logger.warning(
             "%d of %d grid trials were never created in %s; run the sweep again (without "
-            "--max-concurrent, every trial is created up front and survives a resume)", missing, expected, exp_dir,
+            "--max-concurrent, every trial is created up front and survives a resume)", missing, expected, exp.uri,
         )
-    return SweepOutcome(experiment_dir=exp_dir, report=report, num_errors=results.num_errors, missing_trials=missing)
+    return SweepOutcome(experiment=exp, experiment_dir=local_dir, report=report, num_errors=results.num_errors,
+                        missing_trials=missing)
 
 
 def run_sweep(
     sweep: Union[ResolvedSweep, SweepSpec],
     *,
-    storage: str | Path = DEFAULT_STORAGE,
+    storage: str | Path | Storage = DEFAULT_STORAGE,
     name: Optional[str] = None,
     address: Optional[str] = None,
     num_cpus: Optional[float] = None,
     num_gpus: Optional[float] = None,
     trainable: Optional[Callable] = None,
 ) -> SweepOutcome:
-    """Start or join Ray, run the Tuner, write the report; returns where everything is.
+    """Check the storage, start or join Ray, run the Tuner, write the report; returns where everything is.
 
     `sweep` is validated already (`search_spaces.load_sweep`); a `SweepSpec` is resolved here. Only
     resources the sweep was not checked against are checked: a cluster after joining it, or a local
-    instance other than the one `load_sweep` was given.
+    instance other than the one `load_sweep` was given. `storage` is a local/NFS path or a URI; it is
+    checked writable before Ray starts.
     """
     available = local_resources(address, num_cpus, num_gpus)
     if isinstance(sweep, SweepSpec):
@@ -248,33 +339,35 @@ def run_sweep(
     elif available is not None and sweep.local_resources != available:
         validate_resources(sweep.spec, *available)
     spec = sweep.spec
-    name = name or f"{spec.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    storage_path, exp_dir = storage_location(storage, name)
+    root = as_storage(storage)
+    check_writable(root)
+    name = name or default_name(spec)
+    exp = root.join(name)
     init_ray(address, num_cpus, num_gpus)
     if available is None:
         check_cluster(spec)
     trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
-    write_marker(exp_dir, sweep, trainable_path(trainable))
-    tuner = build_tuner(sweep, storage_path, name, trainable)
+    write_marker(exp, sweep, trainable_path(trainable))
+    tuner = build_tuner(sweep, root, name, trainable)
     results = tuner.fit()
-    return _finish(exp_dir, results, expected=sweep.expected_trials)
+    return _finish(exp, results, expected=sweep.expected_trials)
 
 
 def resume_sweep(
-    exp_dir: str | Path,
+    experiment: str | Path | Storage,
     *,
     address: Optional[str] = None,
     num_cpus: Optional[float] = None,
     num_gpus: Optional[float] = None,
 ) -> SweepOutcome:
-    """Continue a stopped sweep: unfinished and errored trials from their last checkpoints; finished
-    trials are not run again."""
+    """Continue a stopped sweep in `experiment` (``STORAGE/NAME``, a path or a URI): unfinished and
+    errored trials from their last checkpoints; finished trials are not run again."""
     from ray import tune
 
-    exp_dir = Path(exp_dir).resolve()
-    marker = read_marker(exp_dir)
-    if not tune.Tuner.can_restore(str(exp_dir)):
-        raise ConfigError(f"{str(exp_dir)!r} has a vitsweep marker but no Tune state to resume (did the sweep start?)")
+    exp = as_storage(experiment)
+    marker = read_marker(exp)
+    if not tune.Tuner.can_restore(exp.ray_storage_path, storage_filesystem=exp.ray_storage_filesystem):
+        raise ConfigError(f"{exp.uri!r} has a vitsweep marker but no Tune state to resume (did the sweep start?)")
     # Markers without "validated" were written by `run`, which always checked the geometry.
     resolved = load_sweep(marker["spec"], source_name=marker.get("source", ""),
                           check_geometry=not marker.get("validated", True))
@@ -282,10 +375,11 @@ def resume_sweep(
     init_ray(address, num_cpus, num_gpus)
     check_cluster(resolved.spec)
     tuner = tune.Tuner.restore(
-        str(exp_dir),
+        exp.ray_storage_path,
         trainable=tune.with_resources(trainable, _trial_resources(resolved.spec)),
         resume_unfinished=True,
         resume_errored=True,
+        storage_filesystem=exp.ray_storage_filesystem,
     )
     results = tuner.fit()
-    return _finish(exp_dir, results, expected=resolved.expected_trials)
+    return _finish(exp, results, expected=resolved.expected_trials)

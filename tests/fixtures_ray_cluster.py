@@ -2,7 +2,9 @@
 process tree (GCS, raylet, agents), listening on 127.0.0.1 only, 1 CPU and 100 MiB of object store
 each, every port picked free (two clusters on this shared machine do not collide).
 
-Import into a test module (``from fixtures_ray_cluster import ray_cluster``). Custom resources
+Import into a test module (``from fixtures_ray_cluster import ray_cluster``), or start one cluster for a
+whole module with ``local_cluster(directory, dashboard=True, auth_token=...)`` (a context manager) in a
+module-scoped fixture. Custom resources
 ``head_node`` and ``worker_node`` (1 each) let a test place a task or trial on either node.
 ``node_ids`` maps "head"/"worker" to Ray node ids; ``worker_raylet_pid()`` is the worker raylet's PID,
 for a node-loss test to kill; ``run_driver(script)`` runs a driver (a Tune run, ``vitsweep run``...)
@@ -11,6 +13,12 @@ in its own process, with RAY_ADDRESS set.
 Drivers run in their own processes, not in pytest's: with Ray 2.60, a process that already ran a Ray
 session with an actor (any earlier Ray test in the same pytest run) and then connects to an existing
 cluster sees its first actors destroyed at once ("all references to the actor were removed").
+
+Options of `local_cluster`: ``dashboard=True`` starts the dashboard and job server on the head, on
+127.0.0.1 and a free port (``LocalCluster.dashboard_url``); ``auth_token`` turns on Ray's token
+authentication (``RAY_AUTH_MODE=token``, the token in ``RAY_AUTH_TOKEN``) for both nodes and for drivers
+started through ``LocalCluster.env``. The nodes declare a node dead after about 5 s of failed health
+checks (Ray's default is about 30 s), so a node-loss test does not wait long.
 
 The nodes inherit the environment at fixture set-up; a test that uses ``s3_bucket`` gets that fixture
 set up first, so every node sees the same fake credentials (as real nodes get theirs from their own
@@ -29,9 +37,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -96,6 +105,7 @@ class LocalCluster:
     env: Dict[str, str] = field(default_factory=dict, repr=False)  # for drivers: RAY_ADDRESS included
     node_ids: Dict[str, str] = field(default_factory=dict)  # "head" / "worker" -> Ray node id
     start_s: float = 0.0  # wall time from the first `ray start` to both nodes alive and connected
+    dashboard_url: Optional[str] = None  # the job server, when started with dashboard=True
 
     def _raylet_pid(self, proc: subprocess.Popen) -> int:
         table = _processes()
@@ -221,39 +231,77 @@ print(json.dumps(ids))
 """ % START_TIMEOUT_S
 
 
-@pytest.fixture
-def ray_cluster(request, tmp_path):
-    if "s3_bucket" in request.fixturenames:
-        request.getfixturevalue("s3_bucket")  # its environment first: the nodes inherit it
-    gcs, client, dashboard, dash_metrics, autoscaler_metrics, *ports = free_ports(13)
-    # Token authentication off for this throwaway loopback cluster and its drivers. The metrics ports
-    # default to fixed numbers (44227, 44217) that another Ray on this machine may hold.
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
-               DASHBOARD_METRIC_PORT=str(dash_metrics), AUTOSCALER_METRIC_PORT=str(autoscaler_metrics))
+def _wait_for_job_server(url: str, env: Dict[str, str], proc: subprocess.Popen, log: Path) -> None:
+    """Until the job server answers a client in its own process (with the cluster's auth settings)."""
+    probe = ("import sys; from ray.job_submission import JobSubmissionClient; "
+             "JobSubmissionClient(sys.argv[1]).list_jobs()")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"ray head exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        done = subprocess.run([sys.executable, "-c", probe, url], env=env, capture_output=True, text=True, timeout=60)
+        if done.returncode == 0:
+            return
+        last = done.stderr[-1500:]
+        time.sleep(1)
+    raise AssertionError(f"the job server did not answer at {url}: {last}\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def local_cluster(directory: Path, *, dashboard: bool = False, auth_token: Optional[str] = None) -> Iterator[LocalCluster]:
+    """A head and a worker on 127.0.0.1 (see the module docstring); logs in `directory`. Stopped, every
+    process it started included, when the block ends, also on failure."""
+    directory = Path(directory)
+    gcs, client, dashboard_port, dash_metrics, autoscaler_metrics, *ports = free_ports(13)
+    # The metrics ports default to fixed numbers (44227, 44217) that another Ray on this machine may hold.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", DASHBOARD_METRIC_PORT=str(dash_metrics),
+               AUTOSCALER_METRIC_PORT=str(autoscaler_metrics),
+               RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="5")
+    if auth_token is None:
+        # Token authentication off for this throwaway loopback cluster and its drivers.
+        env["RAY_AUTH_MODE"] = "disabled"
+        env.pop("RAY_AUTH_TOKEN", None)
+    else:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="vsrc", dir="/tmp")  # short: it holds Unix sockets
     procs: List[subprocess.Popen] = []
     started = time.monotonic()
+    dash_args = (["--include-dashboard", "true", "--dashboard-host", "127.0.0.1"] if dashboard
+                 else ["--include-dashboard", "false"])
     try:
-        head = _start(["--head", "--port", str(gcs), "--temp-dir", temp_dir, "--include-dashboard", "false",
-                       "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
-                       *_node_args({"head_node": 1}, ports[:4])], env, tmp_path / "head.log")
+        head = _start(["--head", "--port", str(gcs), "--temp-dir", temp_dir, *dash_args,
+                       "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(client),
+                       *_node_args({"head_node": 1}, ports[:4])], env, directory / "head.log")
         procs.append(head)
-        _wait_for_port(gcs, head, tmp_path / "head.log")
+        _wait_for_port(gcs, head, directory / "head.log")
         address = f"127.0.0.1:{gcs}"
         worker = _start(["--address", address, "--temp-dir", temp_dir, *_node_args({"worker_node": 1}, ports[4:8])],
-                        env, tmp_path / "worker.log")
+                        env, directory / "worker.log")
         procs.append(worker)
-        cluster = LocalCluster(address=address, temp_dir=temp_dir, head=head, worker=worker, logs=tmp_path,
+        cluster = LocalCluster(address=address, temp_dir=temp_dir, head=head, worker=worker, logs=directory,
                                env=dict(env, RAY_ADDRESS=address))
-        probe = tmp_path / "probe_nodes.py"
+        probe = directory / "probe_nodes.py"
         probe.write_text(_PROBE)
         cluster.node_ids = json.loads(cluster.run_driver(probe, timeout=START_TIMEOUT_S + 60).strip().splitlines()[-1])
         if len(cluster.node_ids) != 2:
             raise AssertionError(f"the worker node did not join within {START_TIMEOUT_S} s: {cluster.node_ids}; "
-                                 f"logs in {tmp_path}")
+                                 f"logs in {directory}")
+        if dashboard:
+            cluster.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+            _wait_for_job_server(cluster.dashboard_url, cluster.env, head, directory / "head.log")
         cluster.start_s = time.monotonic() - started
         yield cluster
     finally:
         _stop(procs, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster(request, tmp_path):
+    if "s3_bucket" in request.fixturenames:
+        request.getfixturevalue("s3_bucket")  # its environment first: the nodes inherit it
+    with local_cluster(tmp_path) as cluster:
+        yield cluster

@@ -3,7 +3,9 @@
 Import the fixtures into a test module (``from fixtures_s3 import moto_server, s3_bucket``):
 - ``moto_server`` (session): the server's ``host:port``, stopped at the end of the session;
 - ``s3_bucket`` (function): a fresh bucket, fake credentials in the environment (scoped with
-  monkeypatch, the developer's ~/.aws never read, instance metadata off), moto's state reset after.
+  monkeypatch, the developer's ~/.aws never read, instance metadata off), moto's state reset after;
+- ``s3_bucket_module`` (module): the same for every test of a module (e.g. one bucket for a module's
+  Ray cluster, whose nodes inherit the credentials); its bucket is deleted at the end, not moto's state.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import logging
 import os
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Iterator
 
 import pytest
 
@@ -86,18 +90,36 @@ def moto_server():
         server.stop()
 
 
-@pytest.fixture
-def s3_bucket(moto_server, monkeypatch, tmp_path):
+@contextmanager
+def _bucket(moto_server: str, monkeypatch, directory: Path) -> Iterator[S3Bucket]:
     import boto3
 
-    clean_aws_env(monkeypatch, tmp_path)
+    clean_aws_env(monkeypatch, directory)
     env = {"AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "AWS_DEFAULT_REGION": REGION}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     client = boto3.client("s3", endpoint_url=f"http://{moto_server}", region_name=REGION)
     name = f"vitsweep-test-{uuid.uuid4().hex[:10]}"
     client.create_bucket(Bucket=name)
+    yield S3Bucket(endpoint=moto_server, name=name, env=env, client=client)
+
+
+@pytest.fixture
+def s3_bucket(moto_server, monkeypatch, tmp_path):
     try:
-        yield S3Bucket(endpoint=moto_server, name=name, env=env, client=client)
+        with _bucket(moto_server, monkeypatch, tmp_path) as bucket:
+            yield bucket
     finally:
         moto_api(moto_server, "reset")
+
+
+@pytest.fixture(scope="module")
+def s3_bucket_module(moto_server, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        with _bucket(moto_server, monkeypatch, tmp_path_factory.mktemp("aws")) as bucket:
+            try:
+                yield bucket
+            finally:
+                for key in bucket.keys():
+                    bucket.client.delete_object(Bucket=bucket.name, Key=key)
+                bucket.client.delete_bucket(Bucket=bucket.name)

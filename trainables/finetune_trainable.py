@@ -5,21 +5,30 @@ Everything Ray-specific lives here, as a `Callback`; the training loop never see
 inside the trial (nothing large travels through the object store). Each trial writes its run outputs
 (result.json, weights, preprocessing.json, TensorBoard events under tb/) to ``<trial dir>/run/`` — a
 subdirectory, because Tune itself writes ``result.json`` (its JSON-lines log) in the trial directory.
+Tune's artifact sync uploads that directory to the sweep's storage, from whichever node the trial ran on.
+
+Node identity: every checkpoint holds ``nodes.json``, the Ray nodes (id and IP) the trial has run on, in
+order; a restored trial reads it back and appends its current node, and run/result.json records the
+list (``nodes``) and the last one (``node``). A data set missing on the trial's node fails the trial
+with that node named.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
+import ray
 from ray import tune
 
 from finetune.callbacks import Callback, TrainState
 from finetune.checkpoint import save_checkpoint
 from finetune.config import TrainConfig
+from finetune.errors import ConfigError, DataError
 from finetune.train import release_device_memory, run_training
 
 from .layout import ARCH_KEY, LABEL_KEY, RUN_SUBDIR, flatten_trial_config
@@ -41,11 +50,36 @@ def reportable(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return clean
 
 
-class TuneReportCallback(Callback):
-    """After every epoch: write a training checkpoint to a temp dir and report it with the metrics."""
+NODES_FILE = "nodes.json"
 
-    def __init__(self, label: str) -> None:
+
+def current_node() -> Dict[str, str]:
+    """The Ray node this process runs on: id and IP."""
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
+def read_nodes(checkpoint_dir: Optional[str]) -> List[Dict[str, str]]:
+    """The nodes recorded in a checkpoint (none in one written before node identity was recorded)."""
+    path = os.path.join(checkpoint_dir, NODES_FILE) if checkpoint_dir else None
+    if path is None or not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        nodes = json.load(fh)
+    return [dict(node_id=str(n["node_id"]), node_ip=str(n["node_ip"])) for n in nodes]
+
+
+def _on_node(err: Exception, node: Dict[str, str]) -> Exception:
+    """`err` (the same class) with the node named: which machine lacks the data."""
+    return type(err)(f"{err} (on Ray node {node['node_ip']}, node id {node['node_id']})")
+
+
+class TuneReportCallback(Callback):
+    """After every epoch: write a training checkpoint (with the trial's nodes) to a temp dir and report
+    it with the metrics."""
+
+    def __init__(self, label: str, nodes: Optional[List[Dict[str, str]]] = None) -> None:
         self.label = label
+        self.nodes = list(nodes or [])
         self.reports = 0
 
     def on_epoch_end(self, state: TrainState, metrics: Dict[str, Any]) -> None:
@@ -57,6 +91,8 @@ class TuneReportCallback(Callback):
             return
         with tempfile.TemporaryDirectory(prefix="vitsweep-ckpt-") as directory:
             save_checkpoint(state, directory)
+            with open(os.path.join(directory, NODES_FILE), "w") as fh:
+                json.dump(self.nodes, fh)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
@@ -80,15 +116,22 @@ def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> Non
         if checkpoint is not None:
             restore_dir = tempfile.mkdtemp(prefix="vitsweep-restore-")
             checkpoint.to_directory(restore_dir)
-        reporter = TuneReportCallback(label)
-        result = run_training(
-            cfg,
-            out_dir,
-            callbacks=[reporter, *callbacks],
-            resume_from=restore_dir,
-            progress=False,
-            local_checkpoints=False,
-        )
+        node = current_node()
+        nodes = [*read_nodes(restore_dir), node]
+        reporter = TuneReportCallback(label, nodes)
+        try:
+            result = run_training(
+                cfg,
+                out_dir,
+                callbacks=[reporter, *callbacks],
+                resume_from=restore_dir,
+                progress=False,
+                local_checkpoints=False,
+                extra_result={"node": node, "nodes": nodes},
+            )
+        except (DataError, ConfigError) as err:
+            # The data is read on this node: a path or hub cache missing here is this node's problem.
+            raise _on_node(err, node) from err
         if reporter.reports == 0 and result.get("metrics"):
             # Restored from the final epoch's checkpoint (the driver died after the last report but
             # before the trial was marked done): nothing left to train, but Tune needs a result to
