@@ -91,6 +91,8 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--max-train-batches", type=int, default=S, help="cap batches per epoch (smoke runs)")
     r.add_argument("--max-val-batches", type=int, default=S, help="cap validation batches")
     r.add_argument("--log-interval", type=int, default=S, help="steps between progress updates (host syncs)")
+    r.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=S,
+                   help="evaluate once before the first epoch: swap/acc{k}, swap/loss")
 
 
 def config_from_args(args: argparse.Namespace, yaml_path: str | None = None) -> TrainConfig:
