@@ -9,15 +9,17 @@ commands without the rest of the CLI.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import yaml
-
 from finetune.errors import ConfigError, VitsweepError
+from finetune.yaml_io import parse_yaml
 from search_spaces import SweepOverrides
 
+from .interrupts import StopRequest, resume_hint
+from .preflight import check_cluster_address, check_name
 from .report import build_storage_report
 from .storage import resolve_storage
 from .submit import add_submit_arguments, submit
@@ -30,7 +32,7 @@ def _parse_set(values: Optional[List[str]]) -> Dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE (VALUE in YAML, e.g. epochs=2, dilation=[1,2])")
-        fixed[key.strip()] = yaml.safe_load(raw)
+        fixed[key.strip()] = parse_yaml(raw, f"--set {key.strip()}")  # no aliases, bounded nesting
     return fixed
 
 
@@ -55,6 +57,10 @@ def _print_outcome(outcome) -> int:
     _print_where(outcome.experiment.uri, outcome.experiment_dir, report, uploaded)
     if outcome.missing_trials:
         print(f"warning: {outcome.missing_trials} grid trial(s) were never created (see the log above)")
+    if outcome.interrupted_by:
+        stop = StopRequest(outcome.interrupted_by)
+        print(resume_hint(outcome.experiment.uri, stop), file=sys.stderr)
+        return stop.exit_code
     return 1 if outcome.num_errors or outcome.missing_trials else 0
 
 
@@ -78,11 +84,14 @@ def run_source(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     storage = resolve_storage(args.storage)  # the syntax first: no I/O
+    if args.name is not None:
+        check_name(args.name)  # cheap checks before the sweep's validation
+    check_cluster_address(args.address)
     resolved = load_run_sweep(run_source(args), run_overrides(args), address=args.address,
                               num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     outcome = run_sweep(
         resolved, storage=storage, name=args.name, address=args.address, num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
+        num_gpus=args.num_gpus, overwrite=args.overwrite,
     )
     return _print_outcome(outcome)
 
@@ -121,8 +130,8 @@ def _guarded(func):
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
     return value
 
 
@@ -142,7 +151,11 @@ def add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="results root: a directory (default ./ray_results, made absolute; on a cluster a shared/NFS "
                           "path every node mounts) or a URI: s3://bucket/prefix[?endpoint_override=host:port&"
                           "scheme=http], gs://bucket/prefix")
-    run.add_argument("--name", help="experiment name (default <preset>-<timestamp>)")
+    run.add_argument("--name", help="experiment name (default <preset>-<timestamp>); an existing experiment is "
+                                    "refused: continue it with `vitsweep resume`, or see --overwrite")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh where STORAGE/NAME exists: it is first moved aside to NAME.old-<time> "
+                          "(local storage only; never while a driver runs it)")
     run.add_argument("--num-samples", type=int, help="grid/random: repeats of the space; optuna: trials")
     run.add_argument("--gpus-per-trial", type=_positive_float, help="GPUs per trial; fractions share a GPU (0.5)")
     run.add_argument("--cpus-per-trial", type=_positive_float, help="CPUs per trial")

@@ -9,6 +9,7 @@ them. Outputs in the experiment directory: ``comparison.md``, ``comparison.csv``
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
 import tempfile
@@ -45,10 +46,11 @@ class Report:
     markdown_path: Path
     csv_path: Path
     plots: Dict[str, Optional[str]]
+    partial: bool = False  # written beside a richer report that was kept (`finished_in_csv`)
 
 
 def _markdown(exp_dir: Path, records: List[TrialRecord], rows: List[Row], table: str,
-              plots: Dict[str, Optional[str]], uri: Optional[str]) -> str:
+              plots: Dict[str, Optional[str]], uri: Optional[str], plots_dir: str = PLOTS_DIR) -> str:
     lines = [f"# Sweep comparison: {exp_dir.name}", ""]
     if uri is not None:
         lines += [f"Experiment: `{uri}`", ""]
@@ -61,7 +63,7 @@ def _markdown(exp_dir: Path, records: List[TrialRecord], rows: List[Row], table:
         lines += ["## Errors", ""] + [f"- `{r.trial_id}` ({r.label}): {r.error}" for r in errored] + [""]
     lines += ["## Plots", ""]
     for name, note in plots.items():
-        lines.append(f"- [plots/{name}](plots/{name})" + (f": {note}" if note else ""))
+        lines.append(f"- [{plots_dir}/{name}]({plots_dir}/{name})" + (f": {note}" if note else ""))
     lines += ["", "## Logs", "",
               "TensorBoard (every trial writes scalars, hparams and a sample grid under `<trial>/run/tb`):", ""]
     if uri is None:
@@ -78,12 +80,45 @@ def write_report(exp_dir: str | Path, *, uri: Optional[str] = None) -> Report:
     records = collect_trials(exp_dir)
     rows = build_rows(records)
     table = markdown_table(rows)
-    plots = write_plots(rows, records, exp_dir / "plots")
-    csv_path = exp_dir / "comparison.csv"
+    # Never replace a report with a poorer one: fewer finished trials than the existing comparison.csv
+    # (a resume of a damaged experiment, a partial copy) goes beside it as comparison.partial.*.
+    kept = finished_in_csv(exp_dir / "comparison.csv")
+    finished = sum(1 for r in records if r.status == "finished")
+    partial = kept > finished
+    suffix = ".partial" if partial else ""
+    plots_dir = PLOTS_DIR + suffix
+    plots = write_plots(rows, records, exp_dir / plots_dir)
+    csv_path = exp_dir / f"comparison{suffix}.csv"
     write_csv(rows, csv_path)
-    md_path = exp_dir / "comparison.md"
-    md_path.write_text(_markdown(exp_dir, records, rows, table, plots, uri))
-    return Report(exp_dir, rows, records, table, md_path, csv_path, plots)
+    md_path = exp_dir / f"comparison{suffix}.md"
+    md_path.write_text(_markdown(exp_dir, records, rows, table, plots, uri, plots_dir))
+    if partial:
+        _logger.warning("kept %s (%d finished trials); this report has %d finished trials and was written to %s",
+                        exp_dir / "comparison.md", kept, finished, md_path)
+    return Report(exp_dir, rows, records, table, md_path, csv_path, plots, partial)
+
+
+def finished_in_csv(path: Path) -> int:
+    """Finished trials in a comparison.csv: per row, the count of trials whose status is "finished"
+    (a status of "finished" counts every trial; "2x finished; 1x unfinished" counts 2). 0 when the file
+    is missing or unreadable (then nothing of value is lost by replacing it)."""
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return 0
+    total = 0
+    for row in rows:
+        status = row.get("status") or ""
+        n_trials = row.get("n_trials") or ""
+        if status == "finished":
+            total += int(n_trials) if n_trials.isdigit() else 1
+            continue
+        for part in status.split("; "):
+            count, sep, what = part.partition("x ")
+            if sep and what == "finished" and count.isdigit():
+                total += int(count)
+    return total
 
 
 def is_report_input(rel: str) -> bool:

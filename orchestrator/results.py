@@ -9,15 +9,20 @@ stopped early, errored, diverged, unfinished).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from finetune.errors import ReportError
+from finetune.errors import ConfigError, ReportError
 from finetune.io_utils import json_safe
 from trainables.layout import RUN_SUBDIR, flatten_trial_config, trial_label
 
+from .preflight import STATE_PATTERN, check_state_file
+
 MARKER = "vitsweep_experiment.json"
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,9 +71,27 @@ def _read_json_lines(path: Path) -> List[Dict[str, Any]]:
     return rows
 
 
+def _read_json_object(path: Path) -> Optional[Dict[str, Any]]:
+    """The JSON object in `path`, or None (with a warning naming it) if it is corrupt."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        _logger.warning("skipping %s: not valid JSON (truncated or corrupt: %s)", path, err)
+        return None
+    if not isinstance(data, dict):
+        _logger.warning("skipping %s: holds a %s, not a JSON object", path, type(data).__name__)
+        return None
+    return data
+
+
 def _read_run_result(trial_dir: Path) -> Dict[str, Any]:
+    """The run's own result.json; a corrupt one is skipped with a warning (Tune's log still counts)."""
     path = trial_dir / RUN_SUBDIR / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    data = _read_json_object(path) if path.is_file() else None
+    if data is not None and not isinstance(data.get("history", []), list):
+        _logger.warning("skipping %s: its history is not a list", path)
+        data = None
+    return data or {}
 
 
 def _history(trial_dir: Path, run_result: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -111,9 +134,20 @@ def _tune_trials(exp_dir: Path) -> Iterator[_TuneTrial]:
 
     Ray unpickles parts of that state, among them a reference to `orchestrator.sweep.trial_dirname`:
     report only directories you trust (as for resume), and keep that function's name."""
+    import pickle
+
     from ray.tune import ExperimentAnalysis
 
-    for trial in ExperimentAnalysis(str(exp_dir)).trials:
+    newest = max(exp_dir.glob(STATE_PATTERN))  # the one ExperimentAnalysis reads
+    try:
+        check_state_file(newest)
+        analysis = ExperimentAnalysis(str(exp_dir))
+    except ConfigError as err:
+        raise ReportError(f"{err}; cannot report {str(exp_dir)!r}") from None
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ReportError(f"Tune's experiment state {str(newest)!r} cannot be read ({type(err).__name__}: {err}); "
+                          f"cannot report {str(exp_dir)!r}") from None
+    for trial in analysis.trials:
         yield _TuneTrial(trial.trial_id, Path(trial.path), trial.config, trial.status,
                          trial.get_error(), int(trial.num_failures or 0))
 
@@ -121,10 +155,26 @@ def _tune_trials(exp_dir: Path) -> Iterator[_TuneTrial]:
 def _copied_trials(exp_dir: Path) -> Iterator[_TuneTrial]:
     """Trial folders without Tune's experiment state (copied): statuses come from the run outputs alone."""
     for params in sorted(exp_dir.glob("*/params.json")):
+        config = _read_json_object(params)
+        if config is None:
+            continue  # warned: the trial's config is unknown
         error_file = params.parent / "error.txt"
-        error_text = error_file.read_text() if error_file.is_file() else None
-        yield _TuneTrial(params.parent.name, params.parent, json.loads(params.read_text()),
+        error_text = error_file.read_text(errors="replace") if error_file.is_file() else None
+        yield _TuneTrial(params.parent.name, params.parent, config,
                          "ERROR" if error_text is not None else "TERMINATED", error_text, 0)
+
+
+def _marker_scheduler(marker: Path) -> str:
+    try:
+        data = json.loads(marker.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReportError(f"the experiment marker {str(marker)!r} is corrupt (not valid JSON: {err}); restore it "
+                          "or delete it to report the trials without it") from None
+    spec = data.get("spec") if isinstance(data, dict) else None
+    scheduler = spec.get("scheduler", "fifo") if isinstance(spec, dict) else None
+    if not isinstance(scheduler, str):
+        raise ReportError(f"the experiment marker {str(marker)!r} is not a vitsweep marker (no spec.scheduler)")
+    return scheduler
 
 
 def collect_trials(exp_dir: str | Path) -> List[TrialRecord]:
@@ -133,7 +183,7 @@ def collect_trials(exp_dir: str | Path) -> List[TrialRecord]:
     if not exp_dir.is_dir():
         raise ReportError(f"{str(exp_dir)!r} is not a directory")
     marker = exp_dir / MARKER
-    scheduler = json.loads(marker.read_text()).get("spec", {}).get("scheduler", "fifo") if marker.is_file() else "fifo"
+    scheduler = _marker_scheduler(marker) if marker.is_file() else "fifo"
     has_state = any(exp_dir.glob("experiment_state-*.json"))
     trials = list(_tune_trials(exp_dir) if has_state else _copied_trials(exp_dir))
     if not trials:

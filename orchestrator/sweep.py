@@ -30,6 +30,9 @@ from trainables.layout import trial_label
 
 from .report import MARKER, Report, report_storage
 from .storage import Storage, check_writable, resolve_storage
+from .interrupts import graceful_stop
+from .lock import experiment_lock
+from .preflight import check_cluster_address, check_name, check_new_experiment, check_tune_state, loopback_node
 
 _logger = logging.getLogger(__name__)
 
@@ -94,9 +97,8 @@ def init_ray(address: Optional[str], num_cpus: Optional[float], num_gpus: Option
     # address="local": always a new instance, never a stray cluster left by `ray start` on this machine
     kwargs: Dict[str, Any] = {"address": "local", "num_cpus": num_cpus, "num_gpus": num_gpus,
                               "include_dashboard": with_dashboard}
-    if with_dashboard:
-        kwargs["dashboard_host"] = "127.0.0.1"
-    ray.init(**kwargs)
+    with loopback_node() as loopback:  # every server of a local instance on 127.0.0.1 only
+        ray.init(**kwargs, **loopback)
 
 
 # Stands in for a data path that exists only on the cluster's nodes while the rest is validated here:
@@ -300,6 +302,7 @@ class SweepOutcome:
     report: Report
     num_errors: int
     missing_trials: int = 0
+    interrupted_by: int = 0  # the signal (SIGINT, SIGTERM) that stopped the sweep early; 0: none
 
 
 def _finish(exp: Storage, results, expected: Optional[int] = None) -> SweepOutcome:
@@ -325,13 +328,16 @@ def run_sweep(
     num_cpus: Optional[float] = None,
     num_gpus: Optional[float] = None,
     trainable: Optional[Callable] = None,
+    overwrite: bool = False,
 ) -> SweepOutcome:
     """Check the storage, start or join Ray, run the Tuner, write the report; returns where everything is.
 
     `sweep` is validated already (`search_spaces.load_sweep`); a `SweepSpec` is resolved here. Only
     resources the sweep was not checked against are checked: a cluster after joining it, or a local
     instance other than the one `load_sweep` was given. `storage` is a local/NFS path or a URI; it is
-    checked writable before Ray starts.
+    checked writable before Ray starts. An existing experiment at ``storage/name`` is refused, or with
+    `overwrite` moved aside (`orchestrator.preflight.check_new_experiment`); the experiment lock is held
+    from before Ray starts until the report is written.
     """
     available = local_resources(address, num_cpus, num_gpus)
     if isinstance(sweep, SweepSpec):
@@ -340,17 +346,23 @@ def run_sweep(
         validate_resources(sweep.spec, *available)
     spec = sweep.spec
     root = as_storage(storage)
+    name = check_name(name) if name is not None else default_name(spec)
+    check_cluster_address(address)
     check_writable(root)
-    name = name or default_name(spec)
     exp = root.join(name)
-    init_ray(address, num_cpus, num_gpus)
-    if available is None:
-        check_cluster(spec)
-    trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
-    write_marker(exp, sweep, trainable_path(trainable))
-    tuner = build_tuner(sweep, root, name, trainable)
-    results = tuner.fit()
-    return _finish(exp, results, expected=sweep.expected_trials)
+    check_new_experiment(exp, overwrite)
+    with experiment_lock(exp, "run"):
+        init_ray(address, num_cpus, num_gpus)
+        if available is None:
+            check_cluster(spec)
+        trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
+        write_marker(exp, sweep, trainable_path(trainable))
+        tuner = build_tuner(sweep, root, name, trainable)
+        with graceful_stop() as stop:
+            results = tuner.fit()
+        outcome = _finish(exp, results, expected=sweep.expected_trials)
+    outcome.interrupted_by = stop.signum or 0
+    return outcome
 
 
 def resume_sweep(
@@ -372,14 +384,20 @@ def resume_sweep(
     resolved = load_sweep(marker["spec"], source_name=marker.get("source", ""),
                           check_geometry=not marker.get("validated", True))
     trainable = load_trainable(marker.get("trainable") or DEFAULT_TRAINABLE)
-    init_ray(address, num_cpus, num_gpus)
-    check_cluster(resolved.spec)
-    tuner = tune.Tuner.restore(
-        exp.ray_storage_path,
-        trainable=tune.with_resources(trainable, _trial_resources(resolved.spec)),
-        resume_unfinished=True,
-        resume_errored=True,
-        storage_filesystem=exp.ray_storage_filesystem,
-    )
-    results = tuner.fit()
-    return _finish(exp, results, expected=resolved.expected_trials)
+    check_cluster_address(address)
+    with experiment_lock(exp, "resume"):
+        check_tune_state(exp)  # a corrupt state would make Tune start the experiment afresh
+        init_ray(address, num_cpus, num_gpus)
+        check_cluster(resolved.spec)
+        tuner = tune.Tuner.restore(
+            exp.ray_storage_path,
+            trainable=tune.with_resources(trainable, _trial_resources(resolved.spec)),
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=exp.ray_storage_filesystem,
+        )
+        with graceful_stop() as stop:
+            results = tuner.fit()
+        outcome = _finish(exp, results, expected=resolved.expected_trials)
+    outcome.interrupted_by = stop.signum or 0
+    return outcome

@@ -158,7 +158,8 @@ def _mark_best(rows: Sequence[Row]) -> None:
         by_variant.setdefault(row.variant, []).append(row)
     for variant_rows in by_variant.values():
         scored = [r for r in variant_rows if r.values["acc1"][0] is not None
-                  and not r.values["status"].startswith(("errored", "diverged"))]
+                  and not r.values["status"].startswith(("errored", "diverged"))
+                  and all(t.status != "unfinished" for t in r.trials)]  # an interrupted trial is never best
         if scored:
             best = max(scored, key=lambda r: r.values["acc1"][0])
             best.best = True

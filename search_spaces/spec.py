@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -63,6 +65,37 @@ TOP_LEVEL_KEYS = (
 BLOCK_KEYS = ("variant", "fixed", "search", "label")
 ASHA_KEYS = ("grace_period", "reduction_factor", "max_t")
 RESOURCE_KEYS = ("cpu", "gpu")
+# An experiment name is one directory under the storage root; a label names a variant in tables and
+# trial directories: neither may contain a path separator or climb out with "..".
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+MAX_LABEL_CHARS = 100
+MAX_NUM_SAMPLES = 100_000
+MAX_SEED = 2**32 - 1
+
+
+def check_name(value: Any, what: str = "name") -> str:
+    """An experiment name: 1-200 of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit."""
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise ConfigError(
+            f"{what}={value!r} is not allowed: an experiment name is one directory under --storage, 1-200 of "
+            "A-Z a-z 0-9 . _ -, starting with a letter or digit (no '/', '\\', '..' or spaces)"
+        )
+    return value
+
+
+def check_label(value: Any, where: str) -> str:
+    """A variant label: printable text without '/', '\\' or control characters, other than '.' and '..'."""
+    if (
+        not isinstance(value, str) or not value.strip() or len(value) > MAX_LABEL_CHARS
+        or value.strip() in (".", "..") or any(c in "/\\" or not c.isprintable() for c in value)
+    ):
+        raise ConfigError(f"{where}={value!r} is not allowed: a label is 1-{MAX_LABEL_CHARS} printable "
+                          "characters without '/', '\\' or control characters, and not '.' or '..'")
+    return value
+
+
+def _finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _unknown(where: str, keys, allowed) -> None:
@@ -130,6 +163,8 @@ class VariantBlock:
             raise ConfigError(f"variants[{index}]: set the variant with 'variant:', not inside fixed/search")
         search = _split(f"variants[{index}].search", value.get("search"))
         # Default label: the variant's name (a plug-in's class name).
+        if value.get("label") is not None:
+            check_label(value["label"], f"variants[{index}].label")
         return cls(variant=variant, fixed=fixed, search=search, label=value.get("label") or variant_label(variant, {}))
 
     def to_dict(self) -> Dict[str, Any]:
@@ -191,9 +226,9 @@ class SweepSpec:
             seeds = [seeds]
         if (
             not isinstance(seeds, (list, tuple)) or not seeds
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+            or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in seeds)
         ):
-            raise ConfigError(f"seeds={seeds!r} must be a non-empty list of integers >= 0")
+            raise ConfigError(f"seeds={seeds!r} must be a non-empty list of integers in [0, {MAX_SEED}]")
         if "seed" in fixed or "seed" in search:
             raise ConfigError("set seeds with the top-level seeds: list, not fixed.seed/search.seed")
         spec = cls(name=values.get("name") or "sweep", fixed=fixed, search=search, variants=variants,
@@ -222,6 +257,8 @@ class SweepSpec:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key}={value!r} must be a positive integer")
+        if self.num_samples > MAX_NUM_SAMPLES:
+            raise ConfigError(f"num_samples={self.num_samples!r} must be at most {MAX_NUM_SAMPLES}")
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < -1:
             raise ConfigError(f"max_failures={self.max_failures!r} must be an integer >= 0 (or -1: retry forever)")
         if self.max_concurrent is not None and (
@@ -232,17 +269,21 @@ class SweepSpec:
             raise ConfigError(f"reuse_actors={self.reuse_actors!r} must be true or false")
         if not isinstance(self.metric, str) or not self.metric:
             raise ConfigError(f"metric={self.metric!r} must be a metric name such as 'val/acc1'")
+        check_name(self.name, "name")
         for key in ("grace_period", "reduction_factor"):
             value = self.asha.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"asha.{key}={value!r} must be a positive integer")
         if self.asha["reduction_factor"] < 2:
             raise ConfigError(f"asha.reduction_factor={self.asha['reduction_factor']} must be >= 2")
+        max_t = self.asha.get("max_t")
+        if max_t is not None and (isinstance(max_t, bool) or not isinstance(max_t, int) or max_t < 1):
+            raise ConfigError(f"asha.max_t={max_t!r} must be a positive integer (or null: the most epochs)")
         cpu, gpu = self.resources.get("cpu"), self.resources.get("gpu")
-        if isinstance(cpu, bool) or not isinstance(cpu, (int, float)) or cpu <= 0:
-            raise ConfigError(f"cpus per trial={cpu!r} must be a number > 0")
-        if isinstance(gpu, bool) or not isinstance(gpu, (int, float)) or gpu < 0:
-            raise ConfigError(f"gpus per trial={gpu!r} must be a number >= 0")
+        if not _finite_number(cpu) or cpu <= 0:
+            raise ConfigError(f"cpus per trial={cpu!r} (resources.cpu, --cpus-per-trial) must be a finite number > 0")
+        if not _finite_number(gpu) or gpu < 0:
+            raise ConfigError(f"gpus per trial={gpu!r} (resources.gpu, --gpus-per-trial) must be a finite number >= 0")
         if gpu > 1 and gpu != int(gpu):
             raise ConfigError(f"gpus per trial={gpu}: above 1 it must be a whole number (Ray packs fractions <= 1 only)")
         if self.searcher == "optuna":

@@ -58,6 +58,33 @@ def trial_configs(spec: SweepSpec) -> Iterator[tuple]:
             yield block, combo, flat
 
 
+# What every trial reports each epoch (`finetune.loop`), besides val/acc{k} per topk and, with
+# eval_at_start, swap/loss and swap/acc{k}; and Tune's own per-report counters.
+ALWAYS_REPORTED = (
+    "epoch", "train/loss", "val/loss", "lr", "throughput/train_img_s", "throughput/eval_img_s", "time/epoch_s",
+    "cost/params", "cost/trainable_params", "cost/gmacs", "cost/gflops", "training_iteration", "time_total_s", "time_this_iter_s",
+)
+
+
+def reported_metrics(cfg: TrainConfig) -> List[str]:
+    """The numeric metrics a trial with `cfg` reports every epoch: what a sweep's ``metric`` may name."""
+    names = list(ALWAYS_REPORTED) + [f"val/acc{k}" for k in cfg.topk]
+    if cfg.eval_at_start:
+        names += ["swap/loss"] + [f"swap/acc{k}" for k in cfg.topk]
+    if cfg.device != "cpu":  # measured on CUDA only (None on CPU)
+        names += ["memory/peak_allocated_mb", "memory/peak_reserved_mb", "memory/peak_nvml_mb", "throughput/mfu"]
+    return names
+
+
+def _check_metric(spec: SweepSpec, block: VariantBlock, cfg: TrainConfig) -> None:
+    names = reported_metrics(cfg)
+    if spec.metric not in names:
+        raise ConfigError(
+            f"metric={spec.metric!r} is not reported by the trials of variant {block.label!r} (topk={list(cfg.topk)}, "
+            f"eval_at_start={cfg.eval_at_start}); reported: {', '.join(names)}"
+        )
+
+
 def check_trial_configs(spec: SweepSpec, check_geometry: bool = True) -> List[TrainConfig]:
     """Raise ConfigError (naming the variant, the key and the value) for the first bad value.
 
@@ -73,6 +100,7 @@ def check_trial_configs(spec: SweepSpec, check_geometry: bool = True) -> List[Tr
     for block, combo, flat in trial_configs(spec):
         try:
             cfg = TrainConfig.from_dict(flat)
+            _check_metric(spec, block, cfg)
             key = repr(sorted((k, v) for k, v in cfg.to_dict().items() if k not in OPTIMISATION_KEYS))
             if check_geometry and key not in geometry_checked:
                 check_config(cfg)
