@@ -304,6 +304,16 @@ def _swap_metrics(state: TrainState, resumed: bool, model: nn.Module, val_loader
     return {"swap/" + k.split("/", 1)[1]: v for k, v in val.items() if k.startswith("val/")}
 
 
+def epoch_summary(metrics: Dict[str, Any], epochs: int, topk: Sequence[int]) -> str:
+    """One line per epoch, as timm prints it: ``epoch 2/3  train loss 1.2345  val acc@1 45.20%
+    acc@5 90.00%  lr 1.00e-03  312 img/s  12.3 s`` (``nan`` for a non-finite loss, ``diverged`` appended)."""
+    accs = "  ".join(f"{'val ' if i == 0 else ''}acc@{k} {100 * metrics.get(f'val/acc{k}', float('nan')):.2f}%"
+                     for i, k in enumerate(topk))
+    line = (f"epoch {metrics['epoch']}/{epochs}  train loss {metrics['train/loss']:.4f}  {accs}  "
+            f"lr {metrics['lr']:.2e}  {metrics['throughput/train_img_s']:.0f} img/s  {metrics['time/epoch_s']:.1f} s")
+    return line + ("  diverged" if metrics.get("status") == "diverged" else "")
+
+
 # ----------------------------------------------------------------------------- the loop
 def fit(
     model: nn.Module,
@@ -381,7 +391,7 @@ def fit(
         state.history.append(metrics)
         for cb in callbacks:
             cb.on_epoch_end(state, metrics)
-        _logger.info("epoch %d: %s", state.epoch, {k: v for k, v in metrics.items() if not k.startswith("cost/")})
+        _logger.info("%s", epoch_summary(metrics, cfg.epochs, cfg.topk))
     if state.should_stop and status == "running":
         status = state.stop_reason or "stopped"
     result = {"status": status, "metrics": state.history[-1] if state.history else {}, "history": state.history}

@@ -91,11 +91,15 @@ def count_flops(model: torch.nn.Module, img_size: Sequence[int]) -> int:
 def count_macs_fvcore(model: torch.nn.Module, img_size: Sequence[int]) -> Optional[int]:
     """Forward MACs for one image by fvcore's jit-traced counter (plus the analytic uncounted part);
     None where fvcore is not installed."""
+    import warnings
+
     try:
-        from fvcore.nn import FlopCountAnalysis
+        with warnings.catch_warnings():
+            # fvcore.nn scripts a loss with torch.jit.script at import (deprecated in torch >= 2.9)
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit\._script")
+            from fvcore.nn import FlopCountAnalysis
     except ImportError:
         return None
-    import warnings
 
     was_training = model.training
     model.eval()

@@ -25,7 +25,7 @@ from .io_utils import write_json
 from .loop import fit, resolve_device, resolve_precision, seed_everything
 from .metrics import MetricError, check_topk, cost_metrics
 from .models import build_vit, vit_geometry
-from .models.attention import check_attention, get_attention_class
+from .models.attention import check_attention
 
 _logger = logging.getLogger(__name__)
 
@@ -89,16 +89,20 @@ def _preprocessing_model(cfg: TrainConfig) -> torch.nn.Module:
 
 
 class TensorBoardCallback(Callback):
-    """Scalars every epoch, hparams with the final metrics at the end."""
+    """The run's HParams session (its hyperparameters at the start, its status at the end) and its
+    scalars every epoch; the session's metric values are those scalars (`finetune.tb_writer`)."""
 
     def __init__(self, writer):
         self.writer = writer
+
+    def on_fit_start(self, state: TrainState) -> None:
+        self.writer.session_start(_flat_hparams(state.config))
 
     def on_epoch_end(self, state: TrainState, metrics: Dict[str, Any]) -> None:
         self.writer.scalars(metrics, step=state.epoch)
 
     def on_fit_end(self, state: TrainState, result: Dict[str, Any]) -> None:
-        self.writer.hparams(_flat_hparams(state.config), result["metrics"])
+        self.writer.session_end(result["status"])
 
 
 class LocalCheckpointCallback(Callback):
@@ -113,16 +117,12 @@ class LocalCheckpointCallback(Callback):
         save_checkpoint(state, self.directory)
 
 
-# TrainConfig keys shown in TensorBoard's HPARAMS tab, besides the variant's own hyperparameters.
-TB_HPARAM_KEYS = ("model", "variant", "lr", "weight_decay", "batch_size", "epochs", "img_size", "patch_size",
-                  "precision", "seed", "data")
-
-
 def _flat_hparams(config: Dict[str, Any]) -> Dict[str, Any]:
-    """`TB_HPARAM_KEYS` and every hyperparameter the variant declares (defaults filled in), flat."""
-    flat = {k: config.get(k) for k in TB_HPARAM_KEYS}
-    flat.update(get_attention_class(config["variant"]).resolve_hparams(config.get("attn") or {}))
-    return {k: v for k, v in flat.items() if v is not None}
+    """The run's HParams values: every TrainConfig key that describes the training (not how it runs)
+    and every hyperparameter the variant declares (defaults filled in), flat (`tb_writer.flat_hparams`)."""
+    from .tb_writer import flat_hparams
+
+    return flat_hparams(config)
 
 
 def run_training(

@@ -13,6 +13,9 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from finetune import __version__
+
+    from .eval_cli import add_eval_commands
     from .train_cli import add_train_command
 
     parser = argparse.ArgumentParser(
@@ -21,9 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Ray Tune. Variants: softmax, linformer, performer, nystrom, atrous_linear.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"vitsweep {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_train_command(sub)
-    __import__("orchestrator.eval_cli", fromlist=["add_eval_commands"]).add_eval_commands(sub)  # eval, fidelity
+    add_eval_commands(sub)  # eval, fidelity
     try:
         from .cli_sweep import add_sweep_commands
     except ImportError as err:  # the sweep commands need Ray; train/data/bench do not
@@ -97,24 +101,43 @@ def _data_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("attention", "train", "data", "sweep", "gpu")
+BENCHMARKS = {
+    "attention": "forward+backward time and memory per variant vs SDPA, by token count",
+    "train": "vitsweep's training step vs a bare timm loop (same model, batch, data)",
+    "data": "JPEG decode + timm augmentation vs the decode-once cache",
+    "sweep": "a sweep's wall time vs the ideal (sum of trial times / concurrency)",
+    "gpu": "the prepared GPU run: S/16 and B/16 throughput and MFU, end to end, attention",
+}
+
+
+def _bench_description() -> str:
+    return "Speed and memory benchmarks (measured tables: BENCHMARKS.md):\n" + "\n".join(
+        f"  {name:<10} {what}" for name, what in BENCHMARKS.items()
+    ) + "\n\n`vitsweep bench NAME --help` lists a benchmark's options."
 
 
 def _add_bench_command(sub) -> None:
-    p = sub.add_parser("bench", help="speed and memory benchmarks (see BENCHMARKS.md)", add_help=False)
-    p.add_argument("which", choices=BENCHMARKS, help="benchmark to run; `vitsweep bench NAME --help` for its options")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_bench)
+    # add_help=False: `bench NAME --help` reaches the benchmark's own parser; `bench --help` lists them.
+    p = sub.add_parser("bench", help="speed and memory benchmarks (see BENCHMARKS.md)", add_help=False,
+                       description=_bench_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", nargs="?", choices=tuple(BENCHMARKS), metavar="NAME",
+                   help="benchmark to run: " + ", ".join(BENCHMARKS))
+    p.add_argument("-h", "--help", action="store_true", help="show this help (with NAME: the benchmark's options)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=_bench, bench_parser=p)
 
 
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
+    if args.which is None:
+        args.bench_parser.print_help(None if args.help else sys.stderr)
+        return 0 if args.help else 2
     try:
         module = importlib.import_module(f"benchmarks.{args.which}")
     except ModuleNotFoundError as err:
         return _fail(f"benchmark {args.which!r} is not available: {err}")
-    return int(module.main(args.rest) or 0)
+    return int(module.main((["--help"] if args.help else []) + args.rest) or 0)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -21,6 +21,7 @@ from search_spaces import SweepOverrides
 from .interrupts import StopRequest, resume_hint
 from .preflight import check_cluster_address, check_name
 from .report import build_storage_report
+from .tables import console_table
 from .storage import resolve_storage
 from .submit import add_submit_arguments, submit
 from .sweep import DEFAULT_STORAGE, load_cluster_sweep, load_run_sweep, resume_sweep, run_sweep
@@ -51,7 +52,7 @@ def _print_where(uri: str, local_dir: Path, report, uploaded) -> None:
 def _print_outcome(outcome) -> int:
     report = outcome.report
     print()
-    print(report.table)
+    print(console_table(report.rows))
     print()
     uploaded = None if outcome.experiment.is_local else True
     _print_where(outcome.experiment.uri, outcome.experiment_dir, report, uploaded)
@@ -91,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     outcome = run_sweep(
         resolved, storage=storage, name=args.name, address=args.address, num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus, overwrite=args.overwrite,
+        num_gpus=args.num_gpus, overwrite=args.overwrite, loggers=args.log or (),
     )
     return _print_outcome(outcome)
 
@@ -103,7 +104,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     built = build_storage_report(resolve_storage(args.experiment), args.out)
-    print(built.report.table)
+    print(console_table(built.report.rows))
     print()
     _print_where(built.experiment.uri, built.local_dir, built.report, built.uploaded)
     return 0
@@ -167,6 +168,10 @@ def add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--max-failures", type=int, help="retries of a failed trial from its last checkpoint")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a fixed TrainConfig value (repeatable; VALUE in YAML), e.g. --set epochs=1")
+    run.add_argument("--log", action="append", metavar="TRACKER",
+                     help="also log every trial to mlflow and/or wandb (repeatable or comma-separated; TensorBoard "
+                          "is always written): the same hyperparameters and metric names as TensorBoard. MLflow "
+                          "uses MLFLOW_TRACKING_URI, W&B WANDB_PROJECT (default vitsweep) and WANDB_MODE=offline")
     _local_resource_flags(run)
     return run
 

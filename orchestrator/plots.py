@@ -1,116 +1,204 @@
 """The report's PNG plots: accuracy vs cost (GMACs, peak memory) with the Pareto front, training
-throughput per configuration, and learning curves. A plot without data says why, in the image and
-in the returned note."""
+throughput per configuration, and learning curves (train loss and val acc@1).
+
+Every figure is titled with the experiment, data set, epochs and seeds; points and bars carry error
+bars over seeds (± std). A plot without data says why, in the image and in the returned note. The
+throughput plot says when trials ran at the same time on shared CPUs (their img/s then depends on
+what else ran, so it is not comparable across configurations).
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .results import TrialRecord
-from .tables import Row
+from .tables import Row, pareto_front, row_name
+
+__all__ = ["pareto_front", "write_plots", "concurrent_trials"]
+
+FONT = {"title": 11, "label": 10, "tick": 9, "note": 8}
 
 
-def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
-    """Indices of points not dominated (lower cost and higher accuracy is better), by cost."""
-    front = []
-    for i, (cost, acc) in enumerate(points):
-        dominated = any(
-            c <= cost and a >= acc and (c < cost or a > acc) for j, (c, a) in enumerate(points) if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: points[i][0])
+def _values(records: Sequence[TrialRecord], key: str) -> List[Any]:
+    return sorted({r.config.get(key) for r in records if r.config.get(key) is not None}, key=str)
 
 
-def _row_name(row: Row, sep: str) -> str:
-    config = row.values["config"]
-    if config == "-":
-        return row.label
-    if config.startswith(f"{row.label} "):  # the variant's label already names the row
-        return config
-    return f"{row.label}{sep}{config}"
+def _joined(values: Sequence[Any]) -> str:
+    return ",".join(str(v) for v in values) or "n/a"
 
 
-def _figure(path: Path, size: Tuple[float, float], drawn: bool, draw: Callable[[Any], None],
-            empty_note: str) -> Optional[str]:
-    """Save one figure: `draw(ax)` where there is data, else `empty_note` in its middle; returns the note."""
+def plot_title(experiment: str, records: Sequence[TrialRecord]) -> str:
+    """``<experiment>: data <spec>, <epochs> epochs, seeds <s1,s2>`` (several values joined by commas)."""
+    return (f"{experiment}: data {_joined(_values(records, 'data'))}, {_joined(_values(records, 'epochs'))} epochs, "
+            f"seeds {_joined(_values(records, 'seed'))}")
+
+
+def on_cpu(records: Sequence[TrialRecord]) -> bool:
+    """No trial measured device memory: they ran on CPUs (memory is measured on CUDA only)."""
+    return not any(h.get("memory/peak_allocated_mb") is not None for r in records for h in r.history)
+
+
+def concurrent_trials(records: Sequence[TrialRecord]) -> int:
+    """The most trials that ran at the same time, from Tune's per-epoch ``timestamp`` and
+    ``time_this_iter_s`` (1 when there is no timing information)."""
+    events = []
+    for rec in records:
+        stamps = [(h["timestamp"], h.get("time_this_iter_s") or 0.0) for h in rec.history
+                  if isinstance(h.get("timestamp"), (int, float))]
+        if stamps:
+            events += [(min(t - d for t, d in stamps), 1), (max(t for t, _ in stamps), -1)]
+    running = most = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):  # an end before a start at the same second
+        running += step
+        most = max(most, running)
+    return max(1, most)
+
+
+def _style(ax: Any, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel, fontsize=FONT["label"])
+    ax.set_ylabel(ylabel, fontsize=FONT["label"])
+    ax.tick_params(labelsize=FONT["tick"])
+    ax.grid(alpha=0.3)
+
+
+def _figure(path: Path, size: Tuple[float, float], title: str, drawn: bool, draw: Callable[[Any], None],
+            empty_note: str, ncols: int = 1) -> Optional[str]:
+    """Save one titled figure: `draw(axes)` where there is data, else `empty_note` in its middle;
+    returns the note (None when drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=size)
+    fig, axes = plt.subplots(1, ncols if drawn else 1, figsize=size, squeeze=False)
+    fig.suptitle(title, fontsize=FONT["title"])
     if drawn:
-        draw(ax)
+        draw(axes[0] if ncols > 1 else axes[0][0])
     else:
-        ax.text(0.5, 0.5, empty_note, ha="center", va="center", wrap=True, transform=ax.transAxes)
+        ax = axes[0][0]
+        ax.text(0.5, 0.5, empty_note, ha="center", va="center", wrap=True, fontsize=FONT["title"],
+                transform=ax.transAxes)
         ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return None if drawn else empty_note
 
 
-def _accuracy_vs(rows: Sequence[Row], cost_key: str, xlabel: str, path: Path, empty_note: str) -> Optional[str]:
-    """Scatter of val acc@1 against one cost per configuration, the best per variant as a star."""
-    pts = [(r.values[cost_key], r.values["acc1"][0], r) for r in rows
+def _accuracy_vs(rows: Sequence[Row], cost_key: str, xlabel: str, path: Path, title: str,
+                 empty_note: str) -> Optional[str]:
+    """val acc@1 (mean ± std over seeds) against one cost per configuration; the best configuration
+    per variant as a star, the Pareto front dashed."""
+    pts = [(r.values[cost_key], r.values["acc1"][0], r.values["acc1"][1] or 0.0, r) for r in rows
            if r.values[cost_key] is not None and r.values["acc1"][0] is not None]
 
     def draw(ax: Any) -> None:
-        for cost, acc, row in pts:
-            ax.scatter(cost, acc, s=50, marker="*" if row.best else "o")
-            ax.annotate(_row_name(row, " "), (cost, acc), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        front = pareto_front([(c, a) for c, a, _ in pts])
+        import matplotlib.pyplot as plt
+
+        colours = plt.get_cmap("tab10")
+        variants = sorted({row.variant for *_, row in pts})
+        for cost, acc, std, row in pts:
+            colour = colours(variants.index(row.variant) % 10)
+            ax.errorbar(cost, acc, yerr=std, fmt="*" if row.best else "o", ms=11 if row.best else 7, color=colour,
+                        capsize=3, label=row.variant if row.best else None)
+            ax.annotate(row_name(row, " "), (cost, acc), fontsize=FONT["note"], xytext=(5, 4),
+                        textcoords="offset points")
+        front = pareto_front([(c, a) for c, a, _, _ in pts])
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("val acc@1")
-        ax.legend(loc="best")
-        ax.grid(alpha=0.3)
+        _style(ax, xlabel, "val acc@1 (mean ± std over seeds)")
+        ax.legend(loc="best", fontsize=FONT["note"])
 
-    return _figure(path, (7, 5), bool(pts), draw, empty_note)
+    return _figure(path, (8, 5.5), title, bool(pts), draw, empty_note)
 
 
-def _throughput(rows: Sequence[Row], path: Path) -> Optional[str]:
-    bars = [(_row_name(r, "\n"), r.values["train_img_s"]) for r in rows if r.values["train_img_s"] is not None]
+def _seed_std(row: Row, key: str) -> float:
+    values = [t.final[key] for t in row.trials if isinstance(t.final.get(key), (int, float))]
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def throughput_warning(records: Sequence[TrialRecord]) -> Optional[str]:
+    """Why throughput is not comparable across configurations, or None."""
+    together = concurrent_trials(records)
+    if together > 1 and on_cpu(records):
+        return (f"up to {together} trials ran at once on shared CPUs: img/s depends on what ran beside each "
+                "trial and is not comparable across configurations (measure with --max-concurrent 1)")
+    return None
+
+
+def _throughput(rows: Sequence[Row], records: Sequence[TrialRecord], path: Path, title: str) -> Optional[str]:
+    bars = [(row_name(r, "\n"), r.values["train_img_s"], _seed_std(r, "throughput/train_img_s")) for r in rows
+            if r.values["train_img_s"] is not None]
+    warning = throughput_warning(records)
 
     def draw(ax: Any) -> None:
-        ax.bar(range(len(bars)), [v for _, v in bars])
-        ax.set_xticks(range(len(bars)), [name for name, _ in bars], rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel("train images / s")
+        ax.bar(range(len(bars)), [v for _, v, _ in bars], yerr=[s for *_, s in bars], capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(bars)), [name for name, _, _ in bars], rotation=30, ha="right",
+                      fontsize=FONT["tick"])
+        _style(ax, "", "train images / s (mean ± std over seeds)")
+        ax.grid(axis="x", visible=False)
+        if warning:
+            ax.set_title("WARNING: " + warning, fontsize=FONT["note"], color="firebrick", wrap=True)
 
-    return _figure(path, (7, 4), bool(bars), draw, "no trial reported throughput")
+    note = _figure(path, (8, 5), title, bool(bars), draw, "no trial reported throughput")
+    return note or warning
 
 
-def _learning_curves(records: Sequence[TrialRecord], path: Path) -> Optional[str]:
-    curves = []
-    for rec in records:
-        points = [(h["epoch"], h["val/acc1"]) for h in rec.history
-                  if h.get("epoch") is not None and h.get("val/acc1") is not None]
-        if points:
-            curves.append((f"{rec.label} seed={rec.config.get('seed')} ({rec.trial_id})", points))
+def _curves(rows: Sequence[Row], metric: str) -> List[Tuple[str, List[int], List[float], List[float]]]:
+    """Per configuration: (name, epochs, mean over seeds, std over seeds) of `metric`."""
+    out = []
+    for row in rows:
+        by_epoch: Dict[int, List[float]] = {}
+        for trial in row.trials:
+            for h in trial.history:
+                if isinstance(h.get("epoch"), (int, float)) and isinstance(h.get(metric), (int, float)):
+                    by_epoch.setdefault(int(h["epoch"]), []).append(float(h[metric]))
+        if by_epoch:
+            epochs = sorted(by_epoch)
+            means = [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
+            stds = [math.sqrt(sum((v - m) ** 2 for v in by_epoch[e]) / (len(by_epoch[e]) - 1))
+                    if len(by_epoch[e]) > 1 else 0.0 for e, m in zip(epochs, means)]
+            out.append((row_name(row, " "), epochs, means, stds))
+    return out
 
-    def draw(ax: Any) -> None:
-        for label, points in curves:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, lw=1, label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("val acc@1")
-        ax.legend(fontsize=6, loc="best")
-        ax.grid(alpha=0.3)
 
-    return _figure(path, (7, 5), bool(curves), draw, "no trial reported val/acc1")
+def _learning_curves(rows: Sequence[Row], path: Path, title: str) -> Optional[str]:
+    panels = [("train/loss", "train loss"), ("val/acc1", "val acc@1")]
+    curves = {metric: _curves(rows, metric) for metric, _ in panels}
+
+    def draw(axes: Any) -> None:
+        from matplotlib.ticker import MaxNLocator
+
+        for ax, (metric, name) in zip(axes, panels):
+            for label, epochs, means, stds in curves[metric]:
+                line, = ax.plot(epochs, means, marker="o", ms=4, lw=1.5, label=label)
+                if any(stds):
+                    ax.fill_between(epochs, [m - s for m, s in zip(means, stds)],
+                                    [m + s for m, s in zip(means, stds)], color=line.get_color(), alpha=0.2)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            _style(ax, "epoch", f"{name} (mean ± std over seeds)")
+        axes[1].legend(fontsize=FONT["note"], loc="best")
+
+    return _figure(path, (11, 4.8), title, any(curves.values()), draw, "no trial reported train/loss or val/acc1",
+                   ncols=2)
 
 
 def write_plots(rows: Sequence[Row], records: Sequence[TrialRecord], plots_dir: Path) -> Dict[str, Optional[str]]:
-    """PNG plots; returns {file name: note or None} (a note says why a plot has no points)."""
+    """PNG plots; returns {file name: note or None} (a note says why a plot has no points, or why its
+    numbers are not comparable)."""
     plots_dir.mkdir(parents=True, exist_ok=True)
+    title = plot_title(plots_dir.resolve().parent.name, records)
+    memory_note = ("peak GPU memory is n/a: the trials ran on CPU, and memory is not measured on CPU "
+                   "(CUDA devices only)" if on_cpu(records) else "no trial reported peak memory and accuracy")
     return {
         "acc_vs_gmacs.png": _accuracy_vs(rows, "gmacs", "GMACs (forward, one image)", plots_dir / "acc_vs_gmacs.png",
-                                         "no trial reported GMACs and accuracy"),
-        "acc_vs_peak_memory.png": _accuracy_vs(
-            rows, "peak_mem_mb", "peak GPU memory (MB)", plots_dir / "acc_vs_peak_memory.png",
-            "peak GPU memory is n/a: the trials ran on CPU (torch reports GPU memory only)",
-        ),
-        "throughput.png": _throughput(rows, plots_dir / "throughput.png"),
-        "learning_curves.png": _learning_curves(records, plots_dir / "learning_curves.png"),
+                                         title, "no trial reported GMACs and accuracy"),
+        "acc_vs_peak_memory.png": _accuracy_vs(rows, "peak_mem_mb", "peak GPU memory (MB)",
+                                               plots_dir / "acc_vs_peak_memory.png", title, memory_note),
+        "throughput.png": _throughput(rows, records, plots_dir / "throughput.png", title),
+        "learning_curves.png": _learning_curves(rows, plots_dir / "learning_curves.png", title),
     }

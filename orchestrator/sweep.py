@@ -17,16 +17,14 @@ import datetime as _dt
 import importlib
 import logging
 import os
-import re
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from finetune.errors import ConfigError
 from finetune.io_utils import json_safe
 from search_spaces import ResolvedSweep, SweepOverrides, SweepSpec, load_sweep, validate_resources
-from trainables.layout import trial_label
 
 from .report import MARKER, Report, report_storage
 from .storage import Storage, check_writable, resolve_storage
@@ -39,7 +37,6 @@ _logger = logging.getLogger(__name__)
 MARKER_FORMAT = "vitsweep-experiment"
 DEFAULT_STORAGE = "ray_results"
 DEFAULT_TRAINABLE = "trainables.finetune_trainable:train_vit"
-_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def detect_local_resources(num_cpus: Optional[float] = None, num_gpus: Optional[float] = None) -> Tuple[float, float]:
@@ -79,6 +76,21 @@ def dashboard_available() -> bool:
     return True
 
 
+def quiet_tune_output() -> None:
+    """Tune's console and loggers as vitsweep wants them, for `run` and `resume` (Tune reads both
+    variables in `fit`; a value set by the user is kept):
+
+    - ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``: Tune adds no loggers of its own; `build_tuner` passes its
+      JSON and CSV loggers (the report reads ``result.json``) but not its TensorBoard logger, which would
+      write a second run per trial beside the trial's own ``run/tb`` (and print a ``tensorboard --logdir``
+      hint for Ray's staging directory).
+    - ``RAY_AIR_NEW_OUTPUT=0``: Tune's classic output path, the one that honours
+      ``RunConfig(progress_reporter=...)``, vitsweep's compact table (`orchestrator.console`).
+    """
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
 def init_ray(address: Optional[str], num_cpus: Optional[float], num_gpus: Optional[float]) -> None:
     """Join `address` (or RAY_ADDRESS, set by ``ray job submit``), or start a local instance.
 
@@ -87,6 +99,7 @@ def init_ray(address: Optional[str], num_cpus: Optional[float], num_gpus: Option
     """
     import ray
 
+    quiet_tune_output()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -192,10 +205,13 @@ def load_trainable(path: str) -> Callable:
 
 
 def trial_dirname(trial) -> str:
-    """Short trial directory names: ``<trial id>_<variant label>`` (Tune's default spells out the config).
-    Characters other than letters, digits, ``.``, ``_`` and ``-`` (a plug-in's ``module:Class``, a
-    ``/`` in a label) become ``_``."""
-    return f"{trial.trial_id}_{_UNSAFE_IN_NAME.sub('_', trial_label(trial.config))}"
+    """``<run label>_<trial id>``, e.g. ``atrous_linear_dil=1,2,3_w=3_m=64_seed0_a1b2c_00004``: TensorBoard
+    names each run by its directory, so the label (`orchestrator.labels.trial_run_label`) names the run;
+    the trial id keeps it unique. Runs of characters other than letters, digits and ``.,=+_-`` (spaces,
+    a plug-in's ``module:Class``, a ``/``) become ``_`` (`orchestrator.labels.safe_name`)."""
+    from .labels import safe_name, trial_run_label
+
+    return f"{safe_name(trial_run_label(trial))}_{trial.trial_id}"
 
 
 def as_storage(storage: str | Path | Storage) -> Storage:
@@ -211,10 +227,14 @@ def _trial_resources(spec: SweepSpec) -> Dict[str, float]:
     return {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]}
 
 
-def build_tuner(resolved: ResolvedSweep, storage: Storage, name: str, trainable: Optional[Callable] = None):
+def build_tuner(resolved: ResolvedSweep, storage: Storage, name: str, trainable: Optional[Callable] = None,
+                loggers: Sequence[str] = ()):
     """The `tune.Tuner` for a resolved sweep, writing to ``storage/name`` (Ray must be initialised only
-    for `fit`)."""
+    for `fit`). `loggers`: trackers besides TensorBoard (``mlflow``, ``wandb``; `orchestrator.trackers`)."""
     from ray import tune
+
+    from .console import SweepReporter
+    from .trackers import tune_callbacks
 
     spec = resolved.spec
     if trainable is None:
@@ -244,6 +264,9 @@ def build_tuner(resolved: ResolvedSweep, storage: Storage, name: str, trainable:
         # and at the end. Without it they stay in /tmp/ray on that node (and with reuse_actors, every
         # trial after an actor's first loses them even on one machine).
         sync_config=tune.SyncConfig(sync_artifacts=True),
+        # JSON/CSV logs, the HParams config and the trackers; no Tune TensorBoard logger (quiet_tune_output)
+        callbacks=tune_callbacks(resolved, loggers, name),
+        progress_reporter=SweepReporter(spec.metric, spec.mode),
         verbose=1,
     )
     return tune.Tuner(
@@ -329,6 +352,7 @@ def run_sweep(
     num_gpus: Optional[float] = None,
     trainable: Optional[Callable] = None,
     overwrite: bool = False,
+    loggers: Sequence[str] = (),
 ) -> SweepOutcome:
     """Check the storage, start or join Ray, run the Tuner, write the report; returns where everything is.
 
@@ -337,8 +361,12 @@ def run_sweep(
     instance other than the one `load_sweep` was given. `storage` is a local/NFS path or a URI; it is
     checked writable before Ray starts. An existing experiment at ``storage/name`` is refused, or with
     `overwrite` moved aside (`orchestrator.preflight.check_new_experiment`); the experiment lock is held
-    from before Ray starts until the report is written.
+    from before Ray starts until the report is written. `loggers`: ``mlflow``, ``wandb`` besides
+    TensorBoard (checked first, `orchestrator.trackers.check_loggers`).
     """
+    from .trackers import check_loggers
+
+    loggers = check_loggers(loggers)
     available = local_resources(address, num_cpus, num_gpus)
     if isinstance(sweep, SweepSpec):
         sweep = load_sweep(sweep, local_resources=available)
@@ -357,7 +385,7 @@ def run_sweep(
             check_cluster(spec)
         trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
         write_marker(exp, sweep, trainable_path(trainable))
-        tuner = build_tuner(sweep, root, name, trainable)
+        tuner = build_tuner(sweep, root, name, trainable, loggers)
         with graceful_stop() as stop:
             results = tuner.fit()
         outcome = _finish(exp, results, expected=sweep.expected_trials)

@@ -292,3 +292,60 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
         for r in rows
     ], columns=list(CSV_COLUMNS), dtype=object)
     table.to_csv(path, index=False, lineterminator="\r\n")
+
+
+def pareto_front(points: Sequence[tuple]) -> List[int]:
+    """Indices of the (cost, accuracy) points no other point dominates (lower cost and higher accuracy
+    is better), ordered by cost."""
+    front = []
+    for i, (cost, acc) in enumerate(points):
+        dominated = any(
+            c <= cost and a >= acc and (c < cost or a > acc) for j, (c, a) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def row_name(row: Row, sep: str = " ") -> str:
+    """A configuration's short name: its variant label with the hyperparameters and keys that vary."""
+    config = row.values["config"]
+    if config == "-":
+        return row.label
+    if config.startswith(f"{row.label} "):  # the variant's label already names the row
+        return config
+    return f"{row.label}{sep}{config}"
+
+
+def _ranked(row: Row) -> bool:
+    return row.values["acc1"][0] is not None and not row.values["status"].startswith(("errored", "diverged"))
+
+
+def console_table(rows: Sequence[Row], width: int = 100) -> str:
+    """The comparison for a terminal, at most `width` columns: configurations sorted by val acc@1 (best
+    first), the overall best marked ``*`` and the Pareto front of acc@1 vs GFLOPs marked ``P``. The
+    full table (CI, Welch's test, acc@5, params, GMACs, memory) is in comparison.md/.csv."""
+    ordered = sorted(rows, key=lambda r: (not _ranked(r), -(r.values["acc1"][0] or 0.0)))
+    ranked = [r for r in ordered if _ranked(r)]
+    best = ranked[0] if ranked else None
+    costed = [r for r in ranked if r.values["gflops"] is not None]
+    pareto = {id(costed[i]) for i in pareto_front([(r.values["gflops"], r.values["acc1"][0]) for r in costed])}
+    fixed = 3 + 15 + 8 + 8 + 14 + 3 + 6  # '#', acc@1, GFLOPs, img/s, status, mark, separators
+    name_width = max(16, width - fixed)
+
+    def clip(text: str, n: int) -> str:
+        return text if len(text) <= n else text[: n - 1] + "…"
+
+    lines = [f"{'#':>2} {'configuration':<{name_width}} {'val acc@1':>15} {'GFLOPs':>7} {'img/s':>7} "
+             f"{'status':<14} {'':>3}".rstrip()]
+    for i, row in enumerate(ordered, 1):
+        mark = ("*" if row is best else " ") + ("P" if id(row) in pareto else " ")
+        seeds = f" (seeds {row.values['seeds']})" if len(row.trials) > 1 else ""
+        lines.append(
+            f"{i:>2} {clip(row_name(row) + seeds, name_width):<{name_width}} {row.cell('acc1'):>15} "
+            f"{_format('gflops', row.values['gflops']):>7} {_format('train_img_s', row.values['train_img_s']):>7} "
+            f"{clip(row.values['status'], 14):<14} {mark}".rstrip()
+        )
+    lines.append(clip("* best  P Pareto front (acc@1 vs GFLOPs)  sorted by val acc@1 (mean ± std over seeds); "
+                      "all columns: comparison.md", width))
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ variant's are set with the generic ``--attn KEY=VALUE``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from finetune.config import DEFAULT_MODEL, DEFAULT_PRETRAINED_TAG, PRECISIONS, VARIANTS, TrainConfig
 from finetune.errors import ConfigError
+from finetune.io_utils import json_safe
 from finetune.models.attention import declared_hparams
 from finetune.models.attention.flags import add_hparam_arguments
 from finetune.yaml_io import parse_yaml, read_yaml_file
@@ -152,6 +154,8 @@ def add_train_command(sub) -> None:
                       help="start afresh in a DIR that holds files: DIR is first moved aside to DIR.old-<time> "
                       "(nothing is deleted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true",
+                   help="print the final status and metrics as strict JSON on stdout (non-finite values are null)")
     add_config_options(p)
     p.set_defaults(func=_train)
 
@@ -212,7 +216,38 @@ def _train(args: argparse.Namespace) -> int:
             print(f"vitsweep: --overwrite: moved the previous contents of {str(out)!r} to {str(moved)!r}", file=sys.stderr)
 
     resume_from = out / "checkpoint" if args.resume else None
+    _show_epoch_lines()
     result = run_training(cfg, out, resume_from=resume_from, progress=not args.no_progress, before_write=before_write)
     final = {k: v for k, v in result["metrics"].items() if k.startswith(("val/", "train/", "cost/", "throughput/", "memory/"))}
-    print(json.dumps({"status": result["status"], "out": str(out), **final}, indent=2, default=str))
+    if args.json:
+        print(json.dumps(json_safe({"status": result["status"], "out": str(out), **final}), indent=2, default=str,
+                         allow_nan=False))
+    else:
+        print(final_summary(result, out))
     return 0
+
+
+class _EpochLines(logging.Handler):
+    """The loop's per-epoch line on the current stderr (resolved per line, as pytest swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def _show_epoch_lines() -> None:
+    """`vitsweep train` prints `finetune.loop.epoch_summary` once per epoch, beside the progress bar."""
+    logger = logging.getLogger("finetune.loop")
+    if not any(isinstance(h, _EpochLines) for h in logger.handlers):
+        logger.addHandler(_EpochLines())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # once, also under --verbose
+
+
+def final_summary(result: Dict[str, Any], out: Path) -> str:
+    """Two lines: the status with the final accuracies and cost, and where the outputs are."""
+    m = result["metrics"]
+    accs = "  ".join(f"{k.split('/')[1].replace('acc', 'acc@')} {100 * v:.2f}%" for k, v in m.items()
+                     if k.startswith("val/acc") and isinstance(v, (int, float)))
+    cost = f"{m['cost/gflops']:.3f} GFLOPs" if isinstance(m.get("cost/gflops"), (int, float)) else ""
+    line = f"{result['status']}: epoch {m.get('epoch', 0)}  {accs}  {cost}".rstrip()
+    return f"{line}\noutputs: {out} (result.json, weights.safetensors, tb/; tensorboard --logdir {out / 'tb'})"

@@ -45,7 +45,7 @@ def _tb_tags(logdir):
 def test_train_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", *TINY, "--data", "synthetic:classes=4,size=32,n=64,n_val=32", "--epochs", "2",
-                 "--batch-size", "16", "--warmup-epochs", "0.5", "--topk", "1", "2", "--out", str(out)])
+                 "--batch-size", "16", "--warmup-epochs", "0.5", "--topk", "1", "2", "--out", str(out), "--json"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["status"] == "finished"
@@ -63,7 +63,7 @@ def test_train_writes_every_output(tmp_path, capsys):
 
     # --resume on a finished run trains nothing more and reports the same metrics
     assert main(["train", *TINY, "--data", "synthetic:classes=4,size=32,n=64,n_val=32", "--epochs", "2",
-                 "--batch-size", "16", "--warmup-epochs", "0.5", "--topk", "1", "2", "--out", str(out), "--resume"]) == 0
+                 "--batch-size", "16", "--warmup-epochs", "0.5", "--topk", "1", "2", "--out", str(out), "--resume", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["val/acc1"] == printed["val/acc1"]
 

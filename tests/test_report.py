@@ -120,7 +120,8 @@ def test_write_report_files(experiment):
 def test_report_command_and_errors(experiment, tmp_path, capsys):
     assert sweep_main(["report", str(experiment)]) == 0
     out = capsys.readouterr().out
-    assert "| **softmax** |" in out and "tensorboard --logdir" in out
+    assert "softmax (seeds 0,1)" in out and "tensorboard --logdir" in out  # the compact console table
+    assert max(len(line) for line in out.splitlines() if not line.startswith(("report:", "experiment:", "tensorboard"))) <= 100
     empty = tmp_path / "empty"
     empty.mkdir()
     assert sweep_main(["report", str(empty)]) == 2
