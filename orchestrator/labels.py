@@ -8,7 +8,7 @@ names), the shared keys the searcher varied, and the seed: ``atrous_linear dil=1
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from finetune.models.attention import variant_hparams, variant_label
 from trainables.layout import ARCH_KEY, SEARCH_KEY, flatten_trial_config, trial_label
@@ -68,8 +68,3 @@ def safe_name(label: str) -> str:
     (spaces, ``/``, a plug-in's ``module:Class``) become one ``_``."""
     return _UNSAFE.sub("_", label).strip("_") or "trial"
 
-
-def label_columns(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """The flat config of a trial (`flatten_trial_config`) with its label, for tables and DataFrames."""
-    flat = flatten_trial_config(dict(config))
-    return {"label": config_label(config), **flat}

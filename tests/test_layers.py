@@ -149,3 +149,12 @@ def test_layers_point_one_way():
 )
 def test_cycle_finder_finds_cycles(graph, expected):
     assert strongly_connected(graph) == expected
+
+
+def test_nothing_imports_the_public_api_package():
+    """`vitsweep` (the Python API) sits on top: it imports the other packages, none of them imports it."""
+    graph, _ = import_graph()
+    users = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                   if d.split(".")[0] == "vitsweep" and m.split(".")[0] != "vitsweep")
+    assert not users, f"modules below the public API import it: {users}"
+    assert any(m.startswith("vitsweep") for m in graph), "the vitsweep package was not found"

@@ -61,6 +61,10 @@ def _frame(rows: List[Dict[str, Any]]) -> pd.DataFrame:
     metrics = [c for c in seen if "/" in c or c in ("epoch", LR_METRIC_COLUMN)]
     first = [c for c in _FIRST if c in seen]
     config = [c for c in seen if c not in {*first, *trailing, *metrics}]
+    for column in metrics:  # a metric not measured (None: memory on CPU) is NaN in a float column
+        values = frame[column]
+        if values.isna().any() and all(isinstance(v, (int, float)) for v in values.dropna()):
+            frame[column] = values.astype("float64")
     return frame[first + config + trailing + metrics]
 
 
