@@ -1,5 +1,6 @@
 """The sweep's progress on the console: one short line per trial (its label, not its config), the
-metrics that matter, and a one-line best trial; at most every `interval_s` seconds and at the end.
+metrics that matter, and a one-line best trial; when a trial changed, at most every `interval_s`
+seconds, and at the end.
 
 Tune's own output engine prints the whole nested config per trial and a TensorBoard hint for its
 own logger, which vitsweep turns off (`orchestrator.sweep.quiet_tune_output`); this reporter is passed
@@ -18,6 +19,7 @@ from .labels import trial_run_label
 
 WIDTH = 100
 LABEL_WIDTH = 42
+HEARTBEAT_S = 300.0  # a block even when nothing changed, so a long epoch does not look like a hang
 
 
 def _number(value: Any, spec: str) -> str:
@@ -45,6 +47,7 @@ class SweepReporter(ProgressReporter):
         self.file = file
         self._start = time.time()
         self._last = 0.0
+        self._reported: tuple = ()
         self._total: Optional[int] = None
 
     def setup(self, start_time: Optional[float] = None, total_samples: Optional[int] = None,
@@ -54,11 +57,20 @@ class SweepReporter(ProgressReporter):
         self.metric = metric or self.metric
         self.mode = mode or self.mode
 
+    @staticmethod
+    def _state(trials: List) -> tuple:
+        return tuple((t.trial_id, t.status, (t.last_result or {}).get("epoch")) for t in trials)
+
     def should_report(self, trials: List, done: bool = False) -> bool:
-        return done or time.time() - self._last >= self.interval_s
+        """At the end; otherwise every `interval_s` when a trial changed (status or epoch), and at least
+        every `HEARTBEAT_S`."""
+        waited = time.time() - self._last
+        changed = self._state(trials) != self._reported
+        return done or (waited >= self.interval_s and changed) or waited >= HEARTBEAT_S
 
     def report(self, trials: List, done: bool, *sys_info: str) -> None:
         self._last = time.time()
+        self._reported = self._state(trials)
         print(self.render(trials, done, sys_info), file=self.file or sys.stdout, flush=True)
 
     def _score(self, trial) -> Optional[float]:

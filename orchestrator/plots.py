@@ -72,7 +72,7 @@ def _figure(path: Path, size: Tuple[float, float], title: str, drawn: bool, draw
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols if drawn else 1, figsize=size, squeeze=False)
+    fig, axes = plt.subplots(1, ncols if drawn else 1, figsize=size if drawn else (size[0], 2.5), squeeze=False)
     fig.suptitle(title, fontsize=FONT["title"])
     if drawn:
         draw(axes[0] if ncols > 1 else axes[0][0])
@@ -99,14 +99,17 @@ def _accuracy_vs(rows: Sequence[Row], cost_key: str, xlabel: str, path: Path, ti
 
         colours = plt.get_cmap("tab10")
         variants = sorted({row.variant for *_, row in pts})
+        middle = (min(p[0] for p in pts) + max(p[0] for p in pts)) / 2
         for cost, acc, std, row in pts:
             colour = colours(variants.index(row.variant) % 10)
             ax.errorbar(cost, acc, yerr=std, fmt="*" if row.best else "o", ms=11 if row.best else 7, color=colour,
                         capsize=3, label=row.variant if row.best else None)
-            ax.annotate(row_name(row, " "), (cost, acc), fontsize=FONT["note"], xytext=(5, 4),
-                        textcoords="offset points")
+            right = cost > middle  # labels grow away from the nearer edge
+            ax.annotate(row_name(row, " "), (cost, acc), fontsize=FONT["note"], xytext=(-6 if right else 6, 5),
+                        textcoords="offset points", ha="right" if right else "left")
         front = pareto_front([(c, a) for c, a, _, _ in pts])
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, marker="o", ms=16,
+                mfc="none", label="Pareto front")  # rings: a one-point front is visible too
         _style(ax, xlabel, "val acc@1 (mean ± std over seeds)")
         ax.legend(loc="best", fontsize=FONT["note"])
 

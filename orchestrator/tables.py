@@ -346,6 +346,6 @@ def console_table(rows: Sequence[Row], width: int = 100) -> str:
             f"{_format('gflops', row.values['gflops']):>7} {_format('train_img_s', row.values['train_img_s']):>7} "
             f"{clip(row.values['status'], 14):<14} {mark}".rstrip()
         )
-    lines.append(clip("* best  P Pareto front (acc@1 vs GFLOPs)  sorted by val acc@1 (mean ± std over seeds); "
-                      "all columns: comparison.md", width))
+    lines.append(clip("* best  P Pareto front (acc@1 vs GFLOPs)  by val acc@1, mean ± std over seeds; "
+                      "more: comparison.md", width))
     return "\n".join(lines)

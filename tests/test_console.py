@@ -119,3 +119,14 @@ def test_no_dependency_warnings_reach_the_user():
     proc = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]
     assert "Warning" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_status_is_printed_when_something_changed_not_on_every_tick():
+    reporter = SweepReporter(interval_s=0.0)
+    trials = [_trial(ATROUS, "RUNNING", {"epoch": 1, "val/acc1": 0.25})]
+    assert reporter.should_report(trials)
+    reporter.file = open("/dev/null", "w")
+    reporter.report(trials, False)
+    assert not reporter.should_report(trials)  # nothing changed
+    trials[0].last_result = {"epoch": 2, "val/acc1": 0.3}
+    assert reporter.should_report(trials)
