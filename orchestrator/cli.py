@@ -107,6 +107,7 @@ BENCHMARKS = {
     "data": "JPEG decode + timm augmentation vs the decode-once cache",
     "sweep": "a sweep's wall time vs the ideal (sum of trial times / concurrency)",
     "gpu": "the prepared GPU run: S/16 and B/16 throughput and MFU, end to end, attention",
+    "storage": "the smoke sweep with S3 storage (moto on 127.0.0.1) vs local disk, interleaved",
 }
 
 

@@ -36,9 +36,10 @@ _SET_BY_SUBMIT = ("--storage", "--name", "--address", "--num-cpus", "--num-gpus"
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", required=True, metavar="http://HEAD:8265",
+    parser.add_argument("--address", metavar="http://HEAD:8265",
                         help="the cluster's job server (the dashboard address; reach a remote one through "
-                             "`ssh -L 8265:127.0.0.1:8265 head`)")
+                             "`ssh -L 8265:127.0.0.1:8265 head`); default RAY_API_SERVER_ADDRESS, else an "
+                             "http(s):// RAY_ADDRESS")
     parser.add_argument("--storage", required=True,
                         help="where the results go: a URI (s3://bucket/prefix, gs://bucket/prefix) or an absolute "
                              "path on storage every node mounts (NFS); a relative path is refused")
@@ -128,10 +129,24 @@ def entrypoint(run_options: List[str], storage: Storage, name: str) -> str:
                        "--name", name])
 
 
+def job_server_address(address: Optional[str]) -> str:
+    """--address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS when it is an http(s) URL."""
+    for value in (address, os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
+        if value:
+            if not value.startswith(("http://", "https://")):
+                raise ConfigError(f"job server address {value!r}: give the dashboard's http://HOST:PORT "
+                                  "(8265 by default), not the GCS address")
+            return value
+    raise ConfigError("no job server: give --address http://HEAD:8265 (or set RAY_API_SERVER_ADDRESS)")
+
+
 def _client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    # Ray's client prefers these variables to the address it is given; this process only submits.
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+    os.environ.pop("RAY_ADDRESS", None)
     try:
         return JobSubmissionClient(address)
     except AuthenticationError as err:
@@ -153,6 +168,7 @@ def submit(args: argparse.Namespace, load: Callable[[], ResolvedSweep]) -> int:
     from ray.job_submission import JobStatus
 
     check_token_env()
+    address = job_server_address(args.address)
     storage = job_storage(args.storage)
     working_dir = Path(args.working_dir).expanduser().resolve()
     if not working_dir.is_dir():
@@ -167,19 +183,19 @@ def submit(args: argparse.Namespace, load: Callable[[], ResolvedSweep]) -> int:
         check_writable(storage)
     name = args.name or default_name(resolved.spec)
     command = entrypoint(options, storage, name)
-    client = _client(args.address)
+    client = _client(address)
     runtime_env = {"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES}
     if env:
         runtime_env["env_vars"] = env
     try:
         job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env)
     except RuntimeError as err:
-        raise ConfigError(f"the job server at {args.address} refused the job: {err}") from None
+        raise ConfigError(f"the job server at {address} refused the job: {err}") from None
     experiment = storage.join(name)
     print(f"job:        {job_id}")
     print(f"results:    {experiment.uri}")
     print(f"entrypoint: {command}")
-    print(f"logs:       ray job logs --address {args.address} --follow {job_id}")
+    print(f"logs:       ray job logs --address {address} --follow {job_id}")
     print(f"report:     vitsweep report '{experiment.uri}' --out DIR   (then: tensorboard --logdir DIR)")
     if not args.wait:
         return 0

@@ -176,7 +176,7 @@ def _node_args(resources: Dict[str, float], ports: List[int]) -> List[str]:
             "--disable-usage-stats"]
 
 
-def _stop(procs: List[subprocess.Popen], temp_dir: str) -> None:
+def _stop(procs: List[subprocess.Popen], temp_dirs: tuple) -> None:
     # SIGTERM to `ray start --block` alone: it stops its node's processes in order. Signalling the whole
     # group kills the GCS first, and the raylet then waits half a minute to drain through it.
     for proc in reversed(procs):  # worker first
@@ -188,11 +188,11 @@ def _stop(procs: List[subprocess.Popen], temp_dir: str) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-    # Ray daemons may leave the process group; anything still running from this cluster's temp dir
+    # Ray daemons may leave the process group; anything still running from this cluster's temp dirs
     # was started by this fixture.
     deadline = time.monotonic() + 10
     while True:
-        left = [pid for pid, (_, _, cmdline) in _processes().items() if temp_dir in cmdline]
+        left = [pid for pid, (_, _, cmdline) in _processes().items() if any(d in cmdline for d in temp_dirs)]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -266,7 +266,16 @@ def local_cluster(directory: Path, *, dashboard: bool = False, auth_token: Optio
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     env.pop("RAY_ADDRESS", None)
+    # Drivers that are not started through run_driver (`vitsweep run --address`, a job's entrypoint, which
+    # inherits the head's environment) would otherwise rewrite the loopback address they are given to the
+    # machine's outside IP, where nothing listens. Ray's switch for single-machine clusters keeps it; a
+    # worker node refuses to start with it, so the worker does not get it.
+    loopback_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     temp_dir = tempfile.mkdtemp(prefix="vsrc", dir="/tmp")  # short: it holds Unix sockets
+    # The worker's own: each node's runtime-env agent deletes a job's working_dir copy under its temp dir
+    # when its own workers are done with it; with one shared dir the worker node would delete the copy
+    # that the job's driver on the head is running in.
+    worker_temp_dir = tempfile.mkdtemp(prefix="vsrw", dir="/tmp")
     procs: List[subprocess.Popen] = []
     started = time.monotonic()
     dash_args = (["--include-dashboard", "true", "--dashboard-host", "127.0.0.1"] if dashboard
@@ -274,15 +283,15 @@ def local_cluster(directory: Path, *, dashboard: bool = False, auth_token: Optio
     try:
         head = _start(["--head", "--port", str(gcs), "--temp-dir", temp_dir, *dash_args,
                        "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(client),
-                       *_node_args({"head_node": 1}, ports[:4])], env, directory / "head.log")
+                       *_node_args({"head_node": 1}, ports[:4])], loopback_env, directory / "head.log")
         procs.append(head)
         _wait_for_port(gcs, head, directory / "head.log")
         address = f"127.0.0.1:{gcs}"
-        worker = _start(["--address", address, "--temp-dir", temp_dir, *_node_args({"worker_node": 1}, ports[4:8])],
+        worker = _start(["--address", address, "--temp-dir", worker_temp_dir, *_node_args({"worker_node": 1}, ports[4:8])],
                         env, directory / "worker.log")
         procs.append(worker)
         cluster = LocalCluster(address=address, temp_dir=temp_dir, head=head, worker=worker, logs=directory,
-                               env=dict(env, RAY_ADDRESS=address))
+                               env=dict(loopback_env, RAY_ADDRESS=address))
         probe = directory / "probe_nodes.py"
         probe.write_text(_PROBE)
         cluster.node_ids = json.loads(cluster.run_driver(probe, timeout=START_TIMEOUT_S + 60).strip().splitlines()[-1])
@@ -291,12 +300,15 @@ def local_cluster(directory: Path, *, dashboard: bool = False, auth_token: Optio
                                  f"logs in {directory}")
         if dashboard:
             cluster.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
-            _wait_for_job_server(cluster.dashboard_url, cluster.env, head, directory / "head.log")
+            # Without RAY_ADDRESS: Ray's job client prefers it to the address it is given.
+            client_env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
+            _wait_for_job_server(cluster.dashboard_url, client_env, head, directory / "head.log")
         cluster.start_s = time.monotonic() - started
         yield cluster
     finally:
-        _stop(procs, temp_dir)
+        _stop(procs, (temp_dir, worker_temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(worker_temp_dir, ignore_errors=True)
 
 
 @pytest.fixture

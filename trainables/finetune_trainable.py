@@ -5,7 +5,10 @@ Everything Ray-specific lives here, as a `Callback`; the training loop never see
 inside the trial (nothing large travels through the object store). Each trial writes its run outputs
 (result.json, weights, preprocessing.json, TensorBoard events under tb/) to ``<trial dir>/run/`` — a
 subdirectory, because Tune itself writes ``result.json`` (its JSON-lines log) in the trial directory.
-Tune's artifact sync uploads that directory to the sweep's storage, from whichever node the trial ran on.
+At the end the trainable uploads ``run/`` itself, synchronously, to the trial's directory in the sweep's
+storage (Tune's storage context: the same filesystem as the experiment). Tune's artifact sync also
+uploads it with each checkpoint, but that sync is asynchronous and its final round can be lost when the
+actor is reused (seen with S3 and ``reuse_actors``).
 
 Node identity: every checkpoint holds ``nodes.json``, the Ray nodes (id and IP) the trial has run on, in
 order; a restored trial reads it back and appends its current node, and run/result.json records the
@@ -66,6 +69,18 @@ def read_nodes(checkpoint_dir: Optional[str]) -> List[Dict[str, str]]:
     with open(path) as fh:
         nodes = json.load(fh)
     return [dict(node_id=str(n["node_id"]), node_ip=str(n["node_ip"])) for n in nodes]
+
+
+def persist_run_outputs(out_dir: str) -> None:
+    """Copy the finished run's outputs to ``<trial dir in storage>/run``, before the trial returns."""
+    import pyarrow.fs as pafs
+
+    storage = tune.get_context().get_storage()
+    dest = f"{storage.trial_fs_path}/{RUN_SUBDIR}"
+    fs = storage.storage_filesystem
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.realpath(dest) == os.path.realpath(out_dir):
+        return  # already there
+    pafs.copy_files(out_dir, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def _on_node(err: Exception, node: Dict[str, str]) -> Exception:
@@ -132,6 +147,7 @@ def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> Non
         except (DataError, ConfigError) as err:
             # The data is read on this node: a path or hub cache missing here is this node's problem.
             raise _on_node(err, node) from err
+        persist_run_outputs(out_dir)
         if reporter.reports == 0 and result.get("metrics"):
             # Restored from the final epoch's checkpoint (the driver died after the last report but
             # before the trial was marked done): nothing left to train, but Tune needs a result to
