@@ -154,9 +154,14 @@ def test_atrous_linear_window_covering_grid_is_exact(grid, prefix, dilation):
 
 def dense_hybrid(q, k, v, W, grid, P, dilation, window):
     """The hybrid estimator spelled out densely in float64 (no stabilisers needed): exact terms on the
-    dilated window and the prefix keys; tail = g * (FAVOR+ kernel estimates, no eps) + (1 - g) * (mean
-    field: every tail key weighted exp(q . mean tail key)), g = rho2_mf / (rho2_rf + rho2_mf) from the
-    two estimators' relative squared errors on the window's own terms."""
+    dilated window and the prefix keys, and two normalised estimates mixed per head, (1 - pi) checked +
+    pi sampled. Checked tail: g * (FAVOR+ kernel estimates, no eps) + (1 - g) * (mean field: every tail
+    key weighted exp(q . mean tail key)), g = rho2_mf / (rho2_rf + rho2_mf) from the two estimators'
+    relative squared errors on the window's own terms. Sampled tail: the mean field times the window's
+    Jensen gap (mean exact window term / exp(mean window logit)). pi = sigmoid((1.7 - z) / 0.2) *
+    sigmoid((log(e_rf / e_flat) - log 1.25) / 0.1), z the head's mean over queries of (mean window logit
+    - mean tail logit) / (its standard error), e_rf and e_flat the head's mean squared distances of the
+    normalised window weights from the normalised kernel estimates and from flat."""
     q, k, v, W = q.double(), k.double(), v.double(), W.double()
     B, H, N, D = q.shape
     m, Np = W.shape[0], N - P
@@ -184,11 +189,25 @@ def dense_hybrid(q, k, v, W, grid, P, dilation, window):
         mean_field_win = ((q * (win.double() @ k / n_win)).sum(-1, keepdim=True) / math.sqrt(D)).exp()  # (B, H, N, 1)
         rho2_mf = (win * (mean_field_win - a) ** 2 / a).sum(-1, keepdim=True) / mass
         g = rho2_mf / (rho2_rf + rho2_mf).clamp_min(1e-300)  # (B, H, N, 1)
+        s_win = (q * (win.double() @ k / n_win)).sum(-1, keepdim=True) / math.sqrt(D)  # (B, H, N, 1)
+        var_win = (win * (s - s_win) ** 2).sum(-1, keepdim=True) / (n_win - 1).clamp_min(1)
+        gap = (win * a).sum(-1, keepdim=True) / n_win / mean_field_win  # (B, H, N, 1)
     n_tail = tail.sum(-1, keepdim=True).clamp_min(1)  # (H, N, 1)
     k_tail = (tail.double() @ k) / n_tail  # (B, H, N, D)
     mean_field = ((q * k_tail).sum(-1, keepdim=True) / math.sqrt(D)).exp()  # (B, H, N, 1)
-    weights = torch.where(exact, a, 0.0) + tail * (g * kern + (1 - g) * mean_field)
-    return (weights @ v) / weights.sum(-1, keepdim=True)
+    with torch.no_grad():
+        z = (s_win - (q * k_tail).sum(-1, keepdim=True) / math.sqrt(D)) / (var_win / n_win).sqrt()  # (B, H, N, 1)
+        share = win * a / mass  # (B, H, N, N)
+        e_rf = ((win * kern / (win * kern).sum(-1, keepdim=True).clamp_min(1e-300) - share) ** 2).sum(-1, keepdim=True)
+        e_flat = (win * (1 / n_win - share) ** 2).sum(-1, keepdim=True)  # (B, H, N, 1)
+        ratio = e_rf[:, :, P:].mean(dim=2, keepdim=True) / e_flat[:, :, P:].mean(dim=2, keepdim=True)  # (B, H, 1, 1)
+        pi = torch.sigmoid((1.7 - z[:, :, P:].mean(dim=2, keepdim=True)) / 0.2) * torch.sigmoid(
+            (ratio.log() - math.log(1.25)) / 0.1
+        )  # (B, H, 1, 1)
+    checked = torch.where(exact, a, 0.0) + tail * (g * kern + (1 - g) * mean_field)  # (B, H, N, N)
+    sampled = torch.where(exact, a, 0.0) + tail * mean_field * gap  # (B, H, N, N)
+    out = lambda w: (w @ v) / w.sum(-1, keepdim=True)  # noqa: E731
+    return (1 - pi) * out(checked) + pi * out(sampled)
 
 
 def test_atrous_linear_matches_dense_reference():
@@ -283,18 +302,16 @@ def test_performer_relu_kernel_is_a_positive_average():
 @pytest.mark.parametrize("m", [16, 64])
 @pytest.mark.parametrize(
     "inputs,margin",
-    [("smooth", 0.6), ("smooth_cool", 0.9), ("iid", 1.7)],
+    [("smooth", 0.6), ("smooth_cool", 0.9), ("iid", 0.95)],
 )
 def test_atrous_linear_beats_performer_at_equal_features(inputs, margin, m):
     """Same q, k, v and the same random projection. On spatially smooth inputs (the ViT regime) the
     exact windows carry the heavy part of each row and the hybrid is far better: measured 0.36x
-    (smooth) and 0.56-0.70x (smooth_cool). On structureless iid N(0, 1) q, k (logit std 1, no
-    locality) the hybrid is worse since its redesign: measured 1.13x at m = 16 and 1.59x at m = 64
-    (it was 0.99-1.05x). Performer's eps shrinks every row towards the uniform average, which is
-    what such rows are; the hybrid drops that eps (on ViT activations it swamped the exact window,
-    see the atrous_linear docstring), and its mean-field tail underestimates the tail mass by the
-    Jensen gap exp(var/2). The margin 1.7 bounds that; tests/test_attention_fidelity.py holds the
-    guarantees in the local regime."""
+    (smooth) and 0.60-0.71x (smooth_cool). On structureless iid N(0, 1) q, k (logit std 1, no
+    locality) it is better too: measured 0.65x at m = 16 and 0.87x at m = 64. There the window is a
+    random sample of the row, so the hybrid takes its sampled estimate (a flat tail at the Jensen gap
+    measured on the window, see the atrous_linear docstring); before that switch it was 1.13x and
+    1.59x, which the margin bounded at 1.7. tests/test_attention_fidelity.py sweeps both regimes."""
     errors = {"performer": 0.0, "atrous_linear": 0.0}
     seeds = range(4)
     for s in seeds:

@@ -64,6 +64,76 @@ def test_hybrid_vs_halves_other_budgets(dilation, m):
         assert r["atrous_linear"] <= min(r["local_only"], r["performer"]) * (1 + TOL), r
 
 
+# ---------------------------------------------------------------- low locality
+
+LOW_TOL = 0.05  # "never worse than Performer" on low-locality inputs within 5 % (worst measured 1.01x)
+
+
+def iid_qkv(seed: int, logit_std: float, *, grid=(14, 14), heads: int = 6, head_dim: int = 64):
+    """q, k, v [1, H, 1 + Hp*Wp, D] iid N(0, 1), q and k scaled so the logits q . k / sqrt(D) have std
+    `logit_std`: no locality at all (a CLS token first, as random as the rest)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, heads, 1 + grid[0] * grid[1], head_dim)
+    scale = math.sqrt(logit_std)
+    return [scale * torch.randn(shape, generator=g), scale * torch.randn(shape, generator=g), torch.randn(shape, generator=g)]
+
+
+# (name, generator(seed)): iid at logit std 0.5 .. 3; the smooth field drowned in noise (weak locality:
+# noise 2 and 4 times the field), scaled to logit std about 1 and 3.
+LOW_LOCALITY = [(f"iid, logit std {c:g}", lambda s, c=c: iid_qkv(s, c)) for c in (0.5, 1.0, 2.0, 3.0)] + [
+    (f"smooth + noise {nu:g}, logit std {c:g}", lambda s, nu=nu, c=c: local_qkv(s, math.sqrt(c / (1 + nu * nu)), noise=nu))
+    for nu in (2.0, 4.0)
+    for c in (1.0, 3.0)
+]
+
+
+def low_locality_sweep(features: int = 64, dilation=(1, 2, 3), seeds=(0, 1, 2), window: int = 3):
+    """Per LOW_LOCALITY case, means over seeds: relative errors of local-only, Performer and the hybrid
+    (same projection) against exact softmax."""
+    grid, heads = (14, 14), 6
+    mask = exact_key_mask(heads, grid, 1, dilation, window)
+    rows = []
+    for name, make in LOW_LOCALITY:
+        row = {"case": name, "local_only": 0.0, "performer": 0.0, "atrous_linear": 0.0}
+        for s in seeds:
+            q, k, v = make(s)
+            exact = softmax_attention(q, k, v, fused=False)
+            W = orthogonal_random_features(features, 64, torch.Generator().manual_seed(100 + s))
+            row["local_only"] += rel_err(local_only_attention(q, k, v, mask), exact) / len(seeds)
+            row["performer"] += rel_err(performer_attention(q, k, v, W), exact) / len(seeds)
+            hybrid = atrous_linear_attention(q, k, v, W, grid, 1, tuple(dilation), window)
+            row["atrous_linear"] += rel_err(hybrid, exact) / len(seeds)
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("dilation,m", [((1, 2, 3), 64), ((1,), 64), ((1, 2, 3), 16), ((1,), 16)])
+def test_hybrid_never_worse_than_performer_without_locality(dilation, m):
+    """Without locality the window is a random sample of the row: the hybrid switches to the mean field
+    calibrated by the window's Jensen gap (module docstring). Measured: 0.33-1.01x the better half (it
+    was 1.1-1.6x Performer's error on iid q, k with logit std 1-3)."""
+    for r in low_locality_sweep(features=m, dilation=dilation):
+        assert r["atrous_linear"] <= min(r["local_only"], r["performer"]) * (1 + LOW_TOL), r
+
+
+def test_locality_switch_keeps_the_checked_tail_on_local_heads():
+    """Dilated heads on smooth inputs (rates 2, 3) keep the checked tail: the sampled estimate alone would
+    be 1.2x worse there (module docstring); the hybrid stays below both halves."""
+    for r in locality_sweep(temperatures=(0.8, 1.0), seeds=(0, 1, 2), features=64, dilation=(1, 2, 3)):
+        assert r["atrous_linear"] < 0.9 * min(r["local_only"], r["performer"]), r
+
+
+def _print_low_locality_table() -> None:
+    for m, dilation in ((64, (1, 2, 3)), (16, (1, 2, 3)), (64, (1,))):
+        print(f"\nm={m}, dilation={dilation}")
+        print("| case | local-only | performer | atrous_linear | / better half |")
+        print("|---|---|---|---|---|")
+        for r in low_locality_sweep(features=m, dilation=dilation):
+            best = min(r["local_only"], r["performer"])
+            print(f"| {r['case']} | {r['local_only']:.3f} | {r['performer']:.3f} | {r['atrous_linear']:.3f} | "
+                  f"{r['atrous_linear'] / best:.2f} |")
+
+
 def test_peaked_rows_are_not_swamped_by_the_tail():
     """The failure the redesign fixes: with 99.9 % of the mass in the window, the old hybrid's eps
     terms carried the row (error 0.22 vs 0.008 local-only); now it is the local-only error."""
@@ -161,3 +231,8 @@ def test_performer_reference_points_unchanged():
     q, k, v = local_qkv(0, 0.3, heads=2, head_dim=16, grid=(4, 4))
     W = orthogonal_random_features(512, 16, torch.Generator().manual_seed(0))
     assert rel_err(performer_attention(q, k, v, W), softmax_attention(q, k, v, fused=False)) < 0.1
+
+
+if __name__ == "__main__":  # python tests/test_attention_fidelity.py: the low-locality table
+    torch.set_num_threads(1)
+    _print_low_locality_table()

@@ -113,6 +113,7 @@ Hyperparameters:
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -125,6 +126,14 @@ from .registry import register_attention
 from .softmax import softmax_attention
 
 FUSIONS = ("sum", "gate")
+# The switch between the checked and the sampled estimate (module docstring): a head is local when its
+# windows' mean logits sit more than LOCALITY_Z standard errors above its tails'; the random features
+# describe the window's shape when their squared error is below SHAPE_RATIO times a flat shape's.
+LOCALITY_Z = 1.7
+LOCALITY_WIDTH = 0.2
+SHAPE_RATIO = 1.25
+SHAPE_WIDTH = 0.1  # in log(ratio)
+Z_CLIP = 50.0  # bounds a query's z when its window logits have no spread (window 1, constant keys)
 
 
 def head_groups(num_heads: int, num_groups: int) -> List[Tuple[int, int]]:
@@ -380,11 +389,37 @@ def atrous_linear_attention(
         with torch.no_grad():
             inv_a = 1.0 / a_win.clamp_min(tiny)  # (B, H, Np, w*w)
             mass = a_win.sum(dim=-1, keepdim=True).clamp_min(tiny)  # (B, H, Np, 1)
-            k_win = win_kv[..., :D] / (Np - n_tail)  # (B, H, Np, D): mean window key
-            a_mf_win = ((qs * k_win).sum(dim=-1, keepdim=True) - c_k - c_q).exp()  # (B, H, Np, 1)
+            n_win = Np - n_tail  # (H, Np, 1): patches in each window
+            k_win = win_kv[..., :D] / n_win  # (B, H, Np, D): mean window key
+            s_w = (qs * k_win).sum(dim=-1, keepdim=True)  # (B, H, Np, 1): mean window logit
+            a_mf_win = (s_w - c_k - c_q).exp()  # (B, H, Np, 1)
             rho2_rf = ((p_win - a_win).square() * inv_a).sum(dim=-1, keepdim=True) / mass  # (B, H, Np, 1)
             rho2_mf = ((a_mf_win - a_win).square() * inv_a * valid).sum(dim=-1, keepdim=True) / mass
             g = rho2_mf / (rho2_rf + rho2_mf).clamp_min(tiny)  # (B, H, Np, 1)
+            # Which estimate, per (image, head): the sampled one (a flat tail at the window's Jensen gap)
+            # where the window is not local and the random features describe its shape no better than a
+            # flat one; else the checked one. Locality: the window's mean logit above the tail's, in
+            # standard errors of the window's logits (about 0 for a random sample of the row).
+            dev = torch.where(valid, s_win, s_w) - s_w  # (B, H, Np, w*w), zero off the grid
+            var_w = dev.square().sum(dim=-1, keepdim=True) / (n_win - 1.0).clamp_min(1.0)  # (B, H, Np, 1)
+            z = ((s_w - s_mf) / (var_w / n_win).sqrt().clamp_min(tiny)).clamp(-Z_CLIP, Z_CLIP)  # (B, H, Np, 1)
+            z_head = z.mean(dim=2, keepdim=True)  # (B, H, 1, 1)
+            # Shape: squared distance of the normalised window weights from the kernel estimates' and from flat.
+            share = a_win / mass  # (B, H, Np, w*w)
+            err_rf = (p_win / p_win.sum(dim=-1, keepdim=True).clamp_min(tiny) - share).square().sum(dim=-1, keepdim=True)
+            err_flat = ((1.0 / n_win - share) * valid).square().sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
+            log_ratio = err_rf.mean(dim=2, keepdim=True).clamp_min(tiny).log() - err_flat.mean(
+                dim=2, keepdim=True
+            ).clamp_min(tiny).log()  # (B, H, 1, 1)
+            pi = torch.sigmoid((LOCALITY_Z - z_head) / LOCALITY_WIDTH) * torch.sigmoid(
+                (log_ratio - math.log(SHAPE_RATIO)) / SHAPE_WIDTH
+            )  # (B, H, 1, 1): weight of the sampled estimate
+            # Jensen gap measured on the window: mean exact term over exp(mean logit), >= 1.
+            log_gap = mass.log() - n_win.log() - (s_w - c_k - c_q)  # (B, H, Np, 1)
+            # The sampled estimate has its own scale: exact terms times r, tail level <= 1 / n_tail.
+            shift = (s_mf - c_k - c_q + log_gap + n_tail.clamp_min(1.0).log()).clamp_min(0.0)  # (B, H, Np, 1)
+            r = (-shift).exp()  # (B, H, Np, 1)
+        a_gap = (s_mf - c_k - c_q + log_gap - shift).exp()  # (B, H, Np, 1): mean field times the gap
 
         # Random-feature tail = global kernel sums minus the window's own kernel estimates.
         ones = vp.new_ones(B, H, Np, 1)
@@ -392,13 +427,22 @@ def atrous_linear_attention(
         tail = e_q @ context  # (B, H, Np, D+1)
         tail_den = (tail[..., -1:] - p_win.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (B, H, Np, 1)
         fw = tail_on if far_weight is None else tail_on * far_weight.float()  # (B|1, H, Np, 1)
-        g_rf, g_mf = fw * g, fw * (1.0 - g) * a_mf  # (B, H, Np, 1) each
-        weights = a_win - g_rf * p_win  # (B, H, Np, w*w)
-        num = window_sum(weights, vp, geometry) + a_pre @ vpre + g_rf * tail[..., :-1] + g_mf * v_tail  # (B, H, Np, D)
-        den = (
-            a_win.sum(dim=-1, keepdim=True) + a_pre.sum(dim=-1, keepdim=True) + g_rf * tail_den + g_mf * n_tail
-        )  # (B, H, Np, 1)
-        out = torch.cat([out_prefix, num / den.clamp_min(tiny)], dim=2)  # (B, H, N, D)
+        g_rf, g_mf, g_gap = fw * g, fw * (1.0 - g) * a_mf, fw * a_gap  # (B, H, Np, 1) each
+        exact_mass = a_win.sum(dim=-1, keepdim=True) + a_pre.sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
+        den_checked = exact_mass + g_rf * tail_den + g_mf * n_tail  # (B, H, Np, 1)
+        den_sampled = r * exact_mass + g_gap * n_tail  # (B, H, Np, 1)
+        # out = (1 - pi) num_checked / den_checked + pi num_sampled / den_sampled, as one weighted sum.
+        w_checked = (1.0 - pi) / den_checked.clamp_min(tiny)  # (B, H, Np, 1)
+        w_sampled = pi / den_sampled.clamp_min(tiny)  # (B, H, Np, 1)
+        w_exact = w_checked + w_sampled * r  # (B, H, Np, 1)
+        weights = w_exact * a_win - (w_checked * g_rf) * p_win  # (B, H, Np, w*w)
+        out_patch = (
+            window_sum(weights, vp, geometry)
+            + (w_exact * a_pre) @ vpre
+            + (w_checked * g_rf) * tail[..., :-1]
+            + (w_checked * g_mf + w_sampled * g_gap) * v_tail
+        )  # (B, H, Np, D)
+        out = torch.cat([out_prefix, out_patch], dim=2)  # (B, H, N, D)
     return out.to(out_dtype)
 
 
@@ -487,9 +531,9 @@ class AtrousLinearAttention(AttentionBase):
             + 11 * Np * D  # scaled q; window copies of k, v; [k, v] for the tail means; mean tail key and
             # value sum; scaled q, k for the features; [V,1]; the numerator
             + 2 * Np * m + m * (D + 1)  # kernel parts e(q), e(k); context
-            + 3 * Np * w2  # window ones, exact weights, combined weights
-            + Np * P  # prefix weights
-            + 10 * Np  # mean-field weight, tail weights, denominators
+            + 4 * Np * w2  # window ones, exact weights, combined weights (two)
+            + 2 * Np * P  # prefix weights, and scaled
+            + 22 * Np  # mean-field and gap weights, tail weights, both estimates' denominators and scales
         )
         return fp32_core_bytes(elems, N, D, H, dtype_bytes)
 
