@@ -66,7 +66,7 @@ def test_hybrid_vs_halves_other_budgets(dilation, m):
 
 # ---------------------------------------------------------------- low locality
 
-LOW_TOL = 0.05  # "never worse than Performer" on low-locality inputs within 5 % (worst measured 1.01x)
+LOW_TOL = 0.05  # "never worse than the better half" on low-locality inputs within 5 % (worst measured 1.00x)
 
 
 def iid_qkv(seed: int, logit_std: float, *, grid=(14, 14), heads: int = 6, head_dim: int = 64):
