@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -83,3 +84,16 @@ def read_tagged_json(path: str | os.PathLike, fmt: str, what: str, error: type) 
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise error(f"{str(path)!r} is not a {what} (format={found!r}, expected {fmt!r})")
     return data
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to ``<path>.old-<YYYYmmdd-HHMMSS>`` (plus ``-N`` if taken); returns the new path.
+    Used instead of deleting earlier results when the user asks to start afresh (``--overwrite``)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
+        n += 1
+    os.rename(path, target)
+    return target

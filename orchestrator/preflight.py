@@ -9,7 +9,6 @@ Also `loopback_node`: a local Ray instance whose every server listens on 127.0.0
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import fnmatch
 import json
 import logging
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 from finetune.errors import ConfigError
+from finetune.io_utils import move_aside
 from search_spaces.spec import check_name as check_spec_name
 
 from .lock import LOCK_NAME, describe, live_holder
@@ -155,13 +155,7 @@ def check_new_experiment(exp: Storage, overwrite: bool) -> Optional[str]:
             "checkpoint; delete it yourself or choose another --name"
         )
     path = Path(exp.path)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    target = path.with_name(f"{path.name}.old-{stamp}")
-    n = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
-        n += 1
-    os.rename(path, target)
+    target = move_aside(path)
     _logger.warning("moved the existing experiment %s aside to %s", path, target)
     return str(target)
 

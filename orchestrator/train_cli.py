@@ -12,13 +12,12 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from finetune.config import DEFAULT_MODEL, DEFAULT_PRETRAINED_TAG, PRECISIONS, VARIANTS, TrainConfig
 from finetune.errors import ConfigError
-from finetune.io_utils import json_safe
+from finetune.io_utils import json_safe, move_aside
 from finetune.models.attention import declared_hparams
 from finetune.models.attention.flags import add_hparam_arguments
 from finetune.yaml_io import parse_yaml, read_yaml_file
@@ -188,18 +187,6 @@ def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
             "--overwrite to move it aside to DIR.old-<time> and start afresh, or choose another --out"
         )
     return path
-
-
-def move_aside(path: Path) -> Path:
-    """Rename `path` to ``<path>.old-<YYYYmmdd-HHMMSS>`` (plus ``-N`` if taken); returns the new path."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = path.with_name(f"{path.name}.old-{stamp}")
-    n = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
-        n += 1
-    os.rename(path, target)
-    return target
 
 
 def _train(args: argparse.Namespace) -> int:
