@@ -91,6 +91,7 @@ class ExperimentLock:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.held = False
+        self.created_dir = False
 
     # ------------------------------------------------------------------------------------ content
     def _content(self) -> bytes:
@@ -153,7 +154,9 @@ class ExperimentLock:
         return self
 
     def _create_local(self) -> bool:
-        os.makedirs(self.exp.path, exist_ok=True)
+        if not os.path.isdir(self.exp.path):
+            os.makedirs(self.exp.path, exist_ok=True)
+            self.created_dir = True  # removed again on release if nothing else was written
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -250,6 +253,8 @@ class ExperimentLock:
                 self.exp.filesystem.delete_file(self.path)
             except FileNotFoundError:
                 pass  # already gone: nothing to release
+        if self.exp.is_local and self.created_dir and not os.listdir(self.exp.path):
+            os.rmdir(self.exp.path)  # a sweep refused after locking leaves no empty experiment behind
 
     def __enter__(self) -> "ExperimentLock":
         return self.acquire()

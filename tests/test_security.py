@@ -132,7 +132,8 @@ def test_local_ray_binds_its_dashboard_to_loopback(monkeypatch):
 
     monkeypatch.setattr(sweep, "dashboard_available", lambda: False)
     sweep.init_ray(None, 2, 0)
-    assert calls[-1]["include_dashboard"] is False and "dashboard_host" not in calls[-1]
+    assert calls[-1]["include_dashboard"] is False and calls[-1].get("dashboard_host", "127.0.0.1") == "127.0.0.1"
+    assert calls[-1]["_node_ip_address"] == "127.0.0.1"  # every local server on loopback
 
     # joining a cluster starts no service here: its dashboard is the cluster's (README: SSH tunnel)
     sweep.init_ray("ray://head:10001", None, None)
