@@ -1,10 +1,22 @@
 """Speed and memory of the attention variants against SDPA, at ViT-S width (`vitsweep bench attention`).
 
-For every token count N (a CLS token plus a square patch grid) and every variant, one attention layer
-(qkv projection, the variant's core, output projection: exactly what swapping `attn_layer` changes in
-a ViT block) runs forward + backward on a random batch. Repeats are interleaved across variants
-(variant A, B, C, A, B, C, ...) so that drift in machine load hits all of them alike; the median is
-reported, and every variant is also given as a ratio to `softmax` (SDPA) at the same N.
+For every token count N (a CLS token plus a square patch grid; default 197, 577, 3137, i.e. 224 px at
+patch 16, 384 px at patch 16 and 224 px at patch 4; 1025 and 2305 are available through --tokens) and
+every variant, forward + backward runs on a random batch at two scopes (``--scope``):
+
+- ``layer``: one attention layer (qkv projection, the variant's core, output projection: exactly what
+  swapping `attn_layer` changes in a ViT block), from x: [B, N, C].
+- ``core``: the attention alone, from q, k, v: [B, H, N, D] already projected (contiguous), backward
+  through q, k and v. Ours: the variant's `attend`. References: performer-pytorch's own
+  `FastAttention`; linformer's `LinformerSelfAttention` and nystrom-attention's `NystromAttention` with
+  their input and output projections replaced by identities (linformer: its to_q / to_k / to_v pick
+  q, k, v out of one [B, N, 3 H D] input; nystrom: its to_qkv passes that input through), so their own
+  code path runs on the same q, k, v, including their own head split and merge.
+
+Repeats are interleaved across variants (variant A, B, C, A, B, C, ...) so that drift in machine load
+hits all of them alike; the median is reported, and every variant is also given as a ratio to
+`softmax` (SDPA) at the same N and scope (``x SDPA``), and each of ours that has a reference package as
+the ratio to it (``x ref``: reference median / ours, > 1 means ours is faster).
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during forward + backward minus the memory held
 before it (peak). On CPU there is no allocator peak to read, so the column is the bytes autograd
@@ -12,9 +24,14 @@ saves for the backward pass (distinct storages seen by ``saved_tensors_hooks``, 
 input excluded): the activation memory a training step keeps, deterministic and independent of the
 process's RSS history.
 
-Optional side-by-side with the reference PyPI implementations (`linformer`, `performer-pytorch`,
-`nystrom-attention`, at the same width, heads and hyperparameters) when they are importable; they are
-never imported by product code.
+Side-by-side with the reference PyPI implementations (`linformer`, `performer-pytorch`,
+`nystrom-attention`, at the same width, heads and hyperparameters; ``--no-reference`` skips them) when
+they are importable; they are never imported by product code.
+
+Example (one thread, as BENCHMARKS.md measures)::
+
+    python -m benchmarks.attention --batch 2 --repeats 7 --threads 1 --tokens 197 577 3137 \
+        --variants softmax linformer performer nystrom
 """
 
 from __future__ import annotations
@@ -37,7 +54,8 @@ from finetune.models.attention import attention_layer, builtin_variants, get_att
 from finetune.models.attention.cost import attention_flops
 from finetune.models.attention.flags import add_hparam_arguments
 
-DEFAULT_TOKENS = (197, 577, 1025, 2305, 3137)
+DEFAULT_TOKENS = (197, 577, 3137)
+SCOPES = ("layer", "core")
 OUR_VARIANTS = builtin_variants()
 # reference name: (PyPI module, our variant it mirrors)
 REFERENCES = {
@@ -53,6 +71,21 @@ class Case:
     build: Callable[[], torch.nn.Module]
     flops: Optional[int]  # analytic core FLOPs per image (ours, where the variant declares a cost)
     hparams: Dict  # the variant's hyperparameters, defaults filled in (references: ours they mirror)
+    reference_of: Optional[str] = None  # references: the variant of ours they mirror
+
+
+@dataclass
+class Runner:
+    """One timed unit: ``fn(*inputs)`` forward, then backward into `inputs` and `module`'s parameters."""
+
+    module: torch.nn.Module
+    fn: Callable[..., torch.Tensor]
+    inputs: List[torch.Tensor]
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad(set_to_none=True)
+        for t in self.inputs:
+            t.grad = None
 
 
 def grid_for(tokens: int) -> int:
@@ -101,16 +134,51 @@ def _reference_case(name: str, args: argparse.Namespace, tokens: int) -> Case:
         from nystrom_attention import NystromAttention
 
         build = lambda: NystromAttention(  # noqa: E731
-            dim=args.dim, dim_head=head_dim, heads=args.heads, num_landmarks=hp["landmarks"], residual=False
+            dim=args.dim, dim_head=head_dim, heads=args.heads, num_landmarks=hp["landmarks"],
+            pinv_iterations=hp["pinv_iterations"], residual=False,
         )
     else:
         raise KeyError(name)
-    return Case(name, build, None, hp)
+    return Case(name, build, None, hp, reference_of=ours)
 
 
-def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves in one forward (parameters and input excluded)."""
-    excluded = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
+class _Columns(torch.nn.Module):
+    """``x[..., start:stop]``: stands in for a reference's input projection in the core scope."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., self.start : self.stop]
+
+
+def _runner(case: Case, module: torch.nn.Module, scope: str, x: torch.Tensor, qkv: List[torch.Tensor]) -> Runner:
+    """The timed unit of `case` at `scope`: the whole layer on x, or its core on q, k, v."""
+    if scope == "layer":
+        return Runner(module, module, [x])
+    q, k, v = qkv  # (B, H, N, D) each, contiguous leaves
+    if case.reference_of is None:
+        return Runner(module, module.attend, [q, k, v])
+    if case.name == "ref_performer":
+        return Runner(module, module.fast_attention, [q, k, v])  # performer-pytorch's own core
+    # linformer / nystrom: no separable core; their module with the projections replaced, fed one
+    # [B, N, 3 H D] tensor holding the same q, k, v (their own split into heads, attention, merge).
+    B, H, N, D = q.shape
+    packed = torch.cat([t.detach().transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v)], dim=-1)
+    packed.requires_grad_(True)
+    if case.name == "ref_linformer":
+        module.to_q, module.to_k, module.to_v = (_Columns(i * H * D, (i + 1) * H * D) for i in range(3))
+    else:
+        module.to_qkv = torch.nn.Identity()
+    module.to_out = torch.nn.Identity()
+    return Runner(module, module, [packed])
+
+
+def saved_bytes(runner: Runner) -> int:
+    """Bytes of the distinct storages autograd saves in one forward (parameters and inputs excluded)."""
+    excluded = {p.untyped_storage().data_ptr() for p in runner.module.parameters()}
+    excluded |= {t.untyped_storage().data_ptr() for t in runner.inputs}
     seen: Dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -120,7 +188,7 @@ def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
+        runner.fn(*runner.inputs)
     return sum(seen.values())
 
 
@@ -129,9 +197,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step(module: torch.nn.Module, x: torch.Tensor, autocast_dtype: Optional[torch.dtype]) -> None:
-    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        out = module(x)
+def step(runner: Runner, autocast_dtype: Optional[torch.dtype]) -> None:
+    device_type = runner.inputs[0].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        out = runner.fn(*runner.inputs)
     out.float().square().mean().backward()
 
 
@@ -141,56 +210,66 @@ def measure(args: argparse.Namespace) -> Dict:
         torch.set_num_threads(args.threads)
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     references = [r for r in REFERENCES if args.reference and importlib.util.find_spec(REFERENCES[r][0]) is not None]
+    scopes = list(SCOPES) if args.scope == "both" else [args.scope]
+    head_dim = args.dim // args.heads
     results: List[Dict] = []
     for tokens in args.tokens:
-        torch.manual_seed(0)
-        cases = [_our_case(v, args, tokens) for v in args.variants] + [_reference_case(r, args, tokens) for r in references]
-        modules = {c.name: c.build().to(device) for c in cases}
-        x = torch.randn(args.batch, tokens, args.dim, device=device)
-        times: Dict[str, List[float]] = {c.name: [] for c in cases}
-        memory: Dict[str, int] = {}
-        for name, module in modules.items():  # warm-up (allocator, kernels) and memory, one variant at a time
-            for _ in range(args.warmup):
-                step(module, x, autocast_dtype)
-                module.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                _sync(device)
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                step(module, x, autocast_dtype)
-                _sync(device)
-                memory[name] = torch.cuda.max_memory_allocated(device) - base
-                module.zero_grad(set_to_none=True)
-            else:
-                with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                    memory[name] = saved_bytes(module, x)
-        for _ in range(args.repeats):  # interleaved: every repeat visits every variant once
-            for name, module in modules.items():
-                _sync(device)
-                start = time.perf_counter()
-                step(module, x, autocast_dtype)
-                _sync(device)
-                times[name].append(time.perf_counter() - start)
-                module.zero_grad(set_to_none=True)
-        base_name = "softmax" if "softmax" in times else next(iter(times))
-        base_time = statistics.median(times[base_name])
-        for case in cases:
-            median = statistics.median(times[case.name])
-            results.append(
-                {
-                    "tokens": tokens,
-                    "variant": case.name,
-                    "median_ms": 1e3 * median,
-                    "min_ms": 1e3 * min(times[case.name]),
-                    "times_ms": [1e3 * t for t in times[case.name]],
-                    "speedup_vs_sdpa": base_time / median,
-                    "memory_mb": memory[case.name] / 2**20,
-                    "memory_ratio_vs_sdpa": memory[case.name] / max(memory[base_name], 1),
-                    "core_gflops_per_image": None if case.flops is None else case.flops / 1e9,
-                    "hparams": {k: list(v) if isinstance(v, tuple) else v for k, v in case.hparams.items()},
-                }
-            )
-        print(f"  N={tokens}: done", file=sys.stderr, flush=True)
+        for scope in scopes:
+            torch.manual_seed(0)
+            cases = [_our_case(v, args, tokens) for v in args.variants]
+            cases += [_reference_case(r, args, tokens) for r in references]
+            x = torch.randn(args.batch, tokens, args.dim, device=device)  # layer: no grad into x (as before)
+            qkv = [torch.randn(args.batch, args.heads, tokens, head_dim, device=device, requires_grad=True) for _ in range(3)]
+            runners = {c.name: _runner(c, c.build().to(device), scope, x, qkv) for c in cases}
+            times: Dict[str, List[float]] = {c.name: [] for c in cases}
+            memory: Dict[str, int] = {}
+            for name, runner in runners.items():  # warm-up (allocator, kernels) and memory, one variant at a time
+                for _ in range(args.warmup):
+                    step(runner, autocast_dtype)
+                    runner.zero_grad()
+                if device.type == "cuda":
+                    _sync(device)
+                    base = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    step(runner, autocast_dtype)
+                    _sync(device)
+                    memory[name] = torch.cuda.max_memory_allocated(device) - base
+                    runner.zero_grad()
+                else:
+                    with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                        memory[name] = saved_bytes(runner)
+            for _ in range(args.repeats):  # interleaved: every repeat visits every variant once
+                for name, runner in runners.items():
+                    _sync(device)
+                    start = time.perf_counter()
+                    step(runner, autocast_dtype)
+                    _sync(device)
+                    times[name].append(time.perf_counter() - start)
+                    runner.zero_grad()
+            medians = {name: statistics.median(ts) for name, ts in times.items()}
+            base_name = "softmax" if "softmax" in times else next(iter(times))
+            ref_of = {c.reference_of: c.name for c in cases if c.reference_of is not None}
+            for case in cases:
+                median = medians[case.name]
+                ref = ref_of.get(case.name)
+                results.append(
+                    {
+                        "tokens": tokens,
+                        "scope": scope,
+                        "variant": case.name,
+                        "median_ms": 1e3 * median,
+                        "min_ms": 1e3 * min(times[case.name]),
+                        "times_ms": [1e3 * t for t in times[case.name]],
+                        "speedup_vs_sdpa": medians[base_name] / median,
+                        "reference": ref,
+                        "speedup_vs_ref": None if ref is None else medians[ref] / median,
+                        "memory_mb": memory[case.name] / 2**20,
+                        "memory_ratio_vs_sdpa": memory[case.name] / max(memory[base_name], 1),
+                        "core_gflops_per_image": None if case.flops is None else case.flops / 1e9,
+                        "hparams": {k: list(v) if isinstance(v, tuple) else v for k, v in case.hparams.items()},
+                    }
+                )
+            print(f"  N={tokens} {scope}: done", file=sys.stderr, flush=True)
     return {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "out"},
         "device": str(device),
@@ -203,30 +282,38 @@ def measure(args: argparse.Namespace) -> Dict:
 
 
 def format_table(report: Dict) -> str:
-    """Markdown: one row per variant, for each N the speed-up over SDPA and the memory (MB, ratio)."""
+    """Markdown: one row per scope and variant; for each N the median, the speed-up over SDPA, the
+    speed-up over the reference package (ours only, where one ran) and the memory (MB)."""
     rows = report["results"]
     tokens = sorted({r["tokens"] for r in rows})
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    by = {(r["variant"], r["tokens"]): r for r in rows}
+    keys = list(dict.fromkeys((r.get("scope", "layer"), r["variant"]) for r in rows))
+    by = {(r.get("scope", "layer"), r["variant"], r["tokens"]): r for r in rows}
     mem = "peak MB" if report["device"].startswith("cuda") else "saved MB"
     lines = [
-        "| variant | " + " | ".join(f"N={n}: ms (x SDPA) / {mem}" for n in tokens) + " |",
-        "|---|" + "---|" * len(tokens),
+        "| scope | variant | " + " | ".join(f"N={n}: ms (x SDPA, x ref) / {mem}" for n in tokens) + " |",
+        "|---|---|" + "---|" * len(tokens),
     ]
-    for v in variants:
+    for scope, v in keys:
         cells = []
         for n in tokens:
-            r = by.get((v, n))
-            cells.append(
-                "-" if r is None else f"{r['median_ms']:.1f} ({r['speedup_vs_sdpa']:.2f}x) / {r['memory_mb']:.0f}"
-            )
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+            r = by.get((scope, v, n))
+            if r is None:
+                cells.append("-")
+                continue
+            ref = r.get("speedup_vs_ref")
+            ratios = f"{r['speedup_vs_sdpa']:.2f}x" + ("" if ref is None else f", {ref:.2f}x ref")
+            cells.append(f"{r['median_ms']:.1f} ({ratios}) / {r['memory_mb']:.0f}")
+        lines.append(f"| {scope} | {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vitsweep bench attention", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS), help="sequence lengths (1 + square)")
+    p.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS),
+                   help="sequence lengths, each 1 + a square (default 197 577 3137; 1025, 2305, ... also work)")
+    p.add_argument("--scope", choices=("layer", "core", "both"), default="both",
+                   help="layer: qkv + core + proj from x [B, N, C]; core: the attention alone from q, k, v "
+                        "[B, H, N, D], references on their own code path (default: both)")
     p.add_argument("--variants", nargs="+", default=list(OUR_VARIANTS), metavar="VARIANT",
                    help=f"built-in ({', '.join(OUR_VARIANTS)}) or plug-in import paths 'package.module:ClassName'")
     p.add_argument("--batch", type=int, default=8)
