@@ -374,6 +374,57 @@ def atrous_linear_attention(
         raise AttentionConfigError(
             f"atrous_linear needs at least one head per dilation rate: num_heads={H} < len(dilation)={len(dilation)}"
         )
+    args = (projection, (hp, wp), P, tuple(int(r) for r in dilation), int(window))
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, far_weight))
+    if not grads or torch.compiler.is_compiling():  # inference, or the compiler plans memory itself
+        return _hybrid(q, k, v, far_weight, *args)[0]
+    return _Recompute.apply(q, k, v, far_weight, args)
+
+
+class _Recompute(torch.autograd.Function):
+    """The hybrid with activation recomputation: saves q, k, v (views of the layer's qkv storage), the
+    gate, and O(N) statistics (the held-fixed stabiliser, tail and switch weights, so the checks are not
+    rerun); backward recomputes the forward graph from them and differentiates it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, far_weight, args):
+        out, (stats, pi) = _hybrid(q, k, v, far_weight, *args)
+        ctx.args = args
+        ctx.save_for_backward(q, k, v, far_weight, stats, pi)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, far_weight, stats, pi = ctx.saved_tensors
+        inputs = [
+            None if t is None else t.detach().requires_grad_(need)
+            for t, need in zip((q, k, v, far_weight), ctx.needs_input_grad[:4])
+        ]
+        with torch.enable_grad():
+            out, _ = _hybrid(*inputs, *ctx.args, stats=(stats, pi))
+        leaves = [t for t in inputs if t is not None and t.requires_grad]
+        found = iter(torch.autograd.grad(out, leaves, grad, allow_unused=True))
+        return (*(next(found) if t is not None and t.requires_grad else None for t in inputs), None)
+
+
+def _hybrid(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    far_weight: Optional[torch.Tensor],
+    projection: torch.Tensor,
+    grid_size: Tuple[int, int],
+    P: int,
+    dilation: Tuple[int, ...],
+    window: int,
+    stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """The hybrid's forward graph -> (out, (stats (B, H, Np, 4), pi (B, H, 1, 1))). `stats`, from an
+    earlier call on the same inputs, supplies the held-fixed quantities (c_q, g, shift, log_gap - shift)."""
+    B, H, N, D = (int(size) for size in q.shape)
+    hp, wp = grid_size
+    Np = hp * wp
     scale = D**-0.5
     w2 = window * window
     out_dtype = v.dtype
@@ -428,10 +479,13 @@ def atrous_linear_attention(
         # One offset per query for every term (features, window, prefix, mean field): the largest, so
         # every exponential is <= 1; it cancels in num / den.
         with torch.no_grad():
-            c_q = torch.maximum(log_q.amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True) - c_k)
-            c_q = torch.maximum(c_q, s_mf - c_k)
-            if P:
-                c_q = torch.maximum(c_q, s_pre.amax(dim=-1, keepdim=True) - c_k)  # (B, H, Np, 1)
+            if stats is not None:
+                c_q = stats[0][..., 0:1]  # (B, H, Np, 1)
+            else:
+                c_q = torch.maximum(log_q.amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True) - c_k)
+                c_q = torch.maximum(c_q, s_mf - c_k)
+                if P:
+                    c_q = torch.maximum(c_q, s_pre.amax(dim=-1, keepdim=True) - c_k)  # (B, H, Np, 1)
         e_q = (log_q - c_q).exp()  # (B, H, Np, m)
         a_win = (s_win - c_k - c_q).exp()  # (B, H, Np, w*w), zero off the grid
         a_pre = (s_pre - c_k - c_q).exp()  # (B, H, Np, P)
@@ -443,40 +497,45 @@ def atrous_linear_attention(
         # g = rho2_mf / (rho2_rf + rho2_mf) for the random-feature tail, 1 - g for the mean-field tail.
         p_win = window_dot(e_q, e_k, geometry) / m  # (B, H, Np, w*w), zero off the grid
         with torch.no_grad():
-            inv_a = 1.0 / a_win.clamp_min(tiny)  # (B, H, Np, w*w)
-            mass = a_win.sum(dim=-1, keepdim=True).clamp_min(tiny)  # (B, H, Np, 1)
-            n_win = Np - n_tail  # (H, Np, 1): patches in each window
-            k_win = win_kv[..., :D] / n_win  # (B, H, Np, D): mean window key
-            s_w = (qs * k_win).sum(dim=-1, keepdim=True)  # (B, H, Np, 1): mean window logit
-            a_mf_win = (s_w - c_k - c_q).exp()  # (B, H, Np, 1)
-            rho2_rf = ((p_win - a_win).square() * inv_a).sum(dim=-1, keepdim=True) / mass  # (B, H, Np, 1)
-            rho2_mf = ((a_mf_win - a_win).square() * inv_a * valid).sum(dim=-1, keepdim=True) / mass
-            g = rho2_mf / (rho2_rf + rho2_mf).clamp_min(tiny)  # (B, H, Np, 1)
-            # Which estimate, per (image, head): the sampled one (a flat tail at the window's Jensen gap)
-            # where the window is not local and the random features describe its shape no better than a
-            # flat one; else the checked one. Locality: the window's mean logit above the tail's, in
-            # standard errors of the window's logits (about 0 for a random sample of the row).
-            dev = torch.where(valid, s_win, s_w) - s_w  # (B, H, Np, w*w), zero off the grid
-            var_w = dev.square().sum(dim=-1, keepdim=True) / (n_win - 1.0).clamp_min(1.0)  # (B, H, Np, 1)
-            z = ((s_w - s_mf) / (var_w / n_win).sqrt().clamp_min(tiny)).clamp(-Z_CLIP, Z_CLIP)  # (B, H, Np, 1)
-            z_head = z.mean(dim=2, keepdim=True)  # (B, H, 1, 1)
-            # Shape: squared distance of the normalised window weights from the kernel estimates' and from flat.
-            share = a_win / mass  # (B, H, Np, w*w)
-            shape_rf = p_win / p_win.sum(dim=-1, keepdim=True).clamp_min(tiny)  # (B, H, Np, w*w)
-            err_rf = (shape_rf - share).square().sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
-            err_flat = ((1.0 / n_win - share) * valid).square().sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
-            log_ratio = err_rf.mean(dim=2, keepdim=True).clamp_min(tiny).log() - err_flat.mean(
-                dim=2, keepdim=True
-            ).clamp_min(tiny).log()  # (B, H, 1, 1)
-            pi = torch.sigmoid((LOCALITY_Z - z_head) / LOCALITY_WIDTH) * torch.sigmoid(
-                (log_ratio - math.log(SHAPE_RATIO)) / SHAPE_WIDTH
-            )  # (B, H, 1, 1): weight of the sampled estimate
-            # Jensen gap measured on the window: mean exact term over exp(mean logit), >= 1.
-            log_gap = mass.log() - n_win.log() - (s_w - c_k - c_q)  # (B, H, Np, 1)
-            # The sampled estimate has its own scale: exact terms times r, tail level <= 1 / n_tail.
-            shift = (s_mf - c_k - c_q + log_gap + n_tail.clamp_min(1.0).log()).clamp_min(0.0)  # (B, H, Np, 1)
+            if stats is None:
+                inv_a = 1.0 / a_win.clamp_min(tiny)  # (B, H, Np, w*w)
+                mass = a_win.sum(dim=-1, keepdim=True).clamp_min(tiny)  # (B, H, Np, 1)
+                n_win = Np - n_tail  # (H, Np, 1): patches in each window
+                k_win = win_kv[..., :D] / n_win  # (B, H, Np, D): mean window key
+                s_w = (qs * k_win).sum(dim=-1, keepdim=True)  # (B, H, Np, 1): mean window logit
+                a_mf_win = (s_w - c_k - c_q).exp()  # (B, H, Np, 1)
+                rho2_rf = ((p_win - a_win).square() * inv_a).sum(dim=-1, keepdim=True) / mass  # (B, H, Np, 1)
+                rho2_mf = ((a_mf_win - a_win).square() * inv_a * valid).sum(dim=-1, keepdim=True) / mass
+                g = rho2_mf / (rho2_rf + rho2_mf).clamp_min(tiny)  # (B, H, Np, 1)
+                # Which estimate, per (image, head): the sampled one (a flat tail at the window's Jensen gap)
+                # where the window is not local and the random features describe its shape no better than a
+                # flat one; else the checked one. Locality: the window's mean logit above the tail's, in
+                # standard errors of the window's logits (about 0 for a random sample of the row).
+                dev = torch.where(valid, s_win, s_w) - s_w  # (B, H, Np, w*w), zero off the grid
+                var_w = dev.square().sum(dim=-1, keepdim=True) / (n_win - 1.0).clamp_min(1.0)  # (B, H, Np, 1)
+                z = ((s_w - s_mf) / (var_w / n_win).sqrt().clamp_min(tiny)).clamp(-Z_CLIP, Z_CLIP)  # (B, H, Np, 1)
+                z_head = z.mean(dim=2, keepdim=True)  # (B, H, 1, 1)
+                # Shape: squared distance of the normalised window weights from the kernel estimates' and from flat.
+                share = a_win / mass  # (B, H, Np, w*w)
+                shape_rf = p_win / p_win.sum(dim=-1, keepdim=True).clamp_min(tiny)  # (B, H, Np, w*w)
+                err_rf = (shape_rf - share).square().sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
+                err_flat = ((1.0 / n_win - share) * valid).square().sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
+                log_ratio = err_rf.mean(dim=2, keepdim=True).clamp_min(tiny).log() - err_flat.mean(
+                    dim=2, keepdim=True
+                ).clamp_min(tiny).log()  # (B, H, 1, 1)
+                pi = torch.sigmoid((LOCALITY_Z - z_head) / LOCALITY_WIDTH) * torch.sigmoid(
+                    (log_ratio - math.log(SHAPE_RATIO)) / SHAPE_WIDTH
+                )  # (B, H, 1, 1): weight of the sampled estimate
+                # Jensen gap measured on the window: mean exact term over exp(mean logit), >= 1.
+                log_gap = mass.log() - n_win.log() - (s_w - c_k - c_q)  # (B, H, Np, 1)
+                # The sampled estimate has its own scale: exact terms times r, tail level <= 1 / n_tail.
+                shift = (s_mf - c_k - c_q + log_gap + n_tail.clamp_min(1.0).log()).clamp_min(0.0)  # (B, H, Np, 1)
+                gap_shift = log_gap - shift  # (B, H, Np, 1)
+                stats = (torch.cat([c_q, g, shift, gap_shift], dim=-1), pi)  # (B, H, Np, 4), (B, H, 1, 1)
+            g, shift, gap_shift = stats[0][..., 1:2], stats[0][..., 2:3], stats[0][..., 3:4]  # (B, H, Np, 1) each
+            pi = stats[1]  # (B, H, 1, 1)
             r = (-shift).exp()  # (B, H, Np, 1)
-        a_gap = (s_mf - c_k - c_q + log_gap - shift).exp()  # (B, H, Np, 1): mean field times the gap
+        a_gap = (s_mf - c_k - c_q + gap_shift).exp()  # (B, H, Np, 1): mean field times the gap
 
         # Random-feature tail = global kernel sums minus the window's own kernel estimates.
         ones = vp.new_ones(B, H, Np, 1)
@@ -500,7 +559,7 @@ def atrous_linear_attention(
             + (w_checked * g_mf + w_sampled * g_gap) * v_tail
         )  # (B, H, Np, D)
         out = torch.cat([out_prefix, out_patch], dim=2)  # (B, H, N, D)
-    return out.to(out_dtype)
+    return out.to(out_dtype), stats
 
 
 @register_attention("atrous_linear")
@@ -580,19 +639,10 @@ class AtrousLinearAttention(AttentionBase):
 
     @classmethod
     def activation_bytes(cls, N, D, H, *, dtype_bytes, fused, num_prefix_tokens, features, window, **hparams):
-        m, w2, P = features, window**2, num_prefix_tokens
-        Np = N - P
-        elems = (
-            P * D + P * N  # prefix queries: scaled q, attention over all N keys
-            + N * D  # centred keys
-            + 11 * Np * D  # scaled q; window copies of k, v; [k, v] for the tail means; mean tail key and
-            # value sum; scaled q, k for the features; [V,1]; the numerator
-            + 2 * Np * m + m * (D + 1)  # kernel parts e(q), e(k); context
-            + 4 * Np * w2  # window ones, exact weights, combined weights (two)
-            + 2 * Np * P  # prefix weights, and scaled
-            + 22 * Np  # mean-field and gap weights, tail weights, both estimates' denominators and scales
-        )
-        return fp32_core_bytes(elems, N, D, H, dtype_bytes)
+        # Recomputed in backward: beyond q, k, v (inputs, in their own dtype) only the fp32 per-query
+        # statistics (c_q, g, shift, log_gap - shift) and the per-head switch pi are saved.
+        Np = N - num_prefix_tokens
+        return int(H * (4 * Np + 1) * 4)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         far_weight = None
