@@ -43,6 +43,38 @@ def fp32_core_bytes(elems: int, N: int, D: int, H: int, dtype_bytes: int) -> int
     return int(H * (elems + upcast) * 4)
 
 
+class _SplitHeads(torch.autograd.Function):
+    """[B, N, 3 H D] (the fused qkv projection) -> contiguous q, k, v: [B, H, N, D] each.
+
+    Autograd's own path (view, permute, ``contiguous``, ``unbind``) copies the gradient twice on the
+    way back (``stack`` of the three, then a permuting ``reshape``); this writes the three gradients
+    straight into one [B, N, 3 H D] buffer."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, heads: int, head_dim: int):
+        B, N, _ = y.shape
+        ctx.shape = (B, N, 3, heads, head_dim)
+        parts = y.view(ctx.shape).unbind(2)  # 3 x (B, N, H, D), strided views
+        return tuple(t.transpose(1, 2).contiguous() for t in parts)  # 3 x (B, H, N, D), contiguous
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        given = next(g for g in grads if g is not None)
+        out = given.new_empty(ctx.shape)  # (B, N, 3, H, D)
+        for i, g in enumerate(grads):
+            if g is None:
+                out[:, :, i].zero_()
+            else:
+                out[:, :, i].copy_(g.transpose(1, 2))  # (B, N, H, D)
+        return out.view(ctx.shape[0], ctx.shape[1], -1), None, None
+
+
+def split_heads(y: torch.Tensor, heads: int, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused qkv projection [B, N, 3 H D] as contiguous q, k, v: [B, H, N, D] each (one copy each
+    way)."""
+    return _SplitHeads.apply(y, heads, head_dim)
+
+
 class AttentionBase(nn.Module, metaclass=abc.ABCMeta):
     """Multi-head self-attention with timm's `Attention` parameters and a pluggable `attend`.
 
@@ -69,6 +101,10 @@ class AttentionBase(nn.Module, metaclass=abc.ABCMeta):
     needs_grid: ClassVar[bool] = False
     # The registered name (set by `register_attention`); unregistered plug-ins are named by import path.
     variant_name: ClassVar[str] = ""
+    # True: `attend` gets contiguous q, k, v (`split_heads`: one copy forward, one backward) instead of
+    # timm's strided views of the qkv projection, which the core's matmuls and elementwise ops would
+    # otherwise copy (several times, forward and backward) or walk with a stride.
+    contiguous_qkv: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -201,8 +237,14 @@ class AttentionBase(nn.Module, metaclass=abc.ABCMeta):
         if attn_mask is not None or is_causal:
             raise ValueError(f"{type(self).__name__} does not support attn_mask / is_causal (ViT encoders use none)")
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
-        q, k, v = qkv.unbind(0)  # each (B, H, N, D)
+        if self.contiguous_qkv and torch.is_grad_enabled():
+            q, k, v = split_heads(self.qkv(x), self.num_heads, self.head_dim)  # each (B, H, N, D), contiguous
+        elif self.contiguous_qkv:  # no autograd (eval, the jit-traced cost counter): plain tensor ops
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+            q, k, v = qkv.contiguous().unbind(0)  # each (B, H, N, D), contiguous
+        else:
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+            q, k, v = qkv.unbind(0)  # each (B, H, N, D)
         q, k = self.q_norm(q), self.k_norm(k)
         x = self.attend(q, k, v)  # (B, H, N, D)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)  # (B, N, H*D)

@@ -74,6 +74,7 @@ class LinformerAttention(AttentionBase):
         share_kv: use the same projection for keys and values.
     """
 
+    contiguous_qkv = True  # see AttentionBase.contiguous_qkv
     hparams = {
         "rank": HParam(int, 64, "projected sequence length k (< token count)", minimum=1, short="k", sweep=(32, 64)),
         "share_kv": HParam(bool, False, "one projection for keys and values", short="kv", sweep=(False,)),

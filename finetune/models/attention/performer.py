@@ -149,6 +149,7 @@ class PerformerAttention(AttentionBase):
         kernel: 'softmax' (FAVOR+) or 'relu'.
     """
 
+    contiguous_qkv = True  # see AttentionBase.contiguous_qkv
     hparams = {
         "features": HParam(int, 64, "random features m", minimum=1, short="m", sweep=(64, 128)),
         "redraw_interval": HParam(
