@@ -57,28 +57,67 @@ PINV_WHY = (
 )
 
 
+def _segment_bounds(n: int, segments: int, device: torch.device) -> torch.Tensor:
+    """Segment s covers tokens ``[bounds[s], bounds[s+1])``: (m+1,) int64."""
+    return torch.div(torch.arange(segments + 1, device=device) * n, segments, rounding_mode="floor")  # (m+1,)
+
+
+def _segment_sums(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Sums of x over the segments: [..., N, D] -> [..., m, D], as differences of the running sum at
+    each segment's last token (the running sum before the first segment is 0)."""
+    ends = x.cumsum(dim=-2)[..., bounds[1:] - 1, :]  # (..., m, D): sum of tokens [0, bounds[s+1])
+    return ends - torch.nn.functional.pad(ends[..., :-1, :], (0, 0, 1, 0))  # (..., m, D)
+
+
+class _SegmentMeans(torch.autograd.Function):
+    """`segment_means` with its backward as one gather: each token's gradient is its segment's, over
+    the segment's length (autograd's own backward of the running sum is a reverse cumsum over a dense
+    zero-filled [N, D] gradient, several passes over [N, D] per call)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, segments: int):
+        bounds = _segment_bounds(x.shape[-2], segments, x.device)  # (m+1,)
+        lengths = (bounds[1:] - bounds[:-1]).to(x.dtype)  # (m,)
+        ctx.save_for_backward(bounds, lengths)
+        return _segment_sums(x, bounds) / lengths[:, None]  # (..., m, D)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        bounds, lengths = ctx.saved_tensors
+        n = int(bounds[-1])
+        segment_of = torch.searchsorted(bounds[1:], torch.arange(n, device=grad.device), right=True)  # (N,)
+        return (grad / lengths[:, None]).index_select(-2, segment_of), None  # (..., N, D)
+
+
 def segment_means(x: torch.Tensor, segments: int) -> torch.Tensor:
     """Means of x over `segments` contiguous, nearly equal, unpadded segments. [B, H, N, D] -> [B, H, m, D]."""
-    n = x.shape[-2]
-    bounds = torch.div(torch.arange(segments + 1, device=x.device) * n, segments, rounding_mode="floor")  # (m+1,)
-    csum = torch.nn.functional.pad(x.cumsum(dim=-2), (0, 0, 1, 0))  # (B, H, N+1, D)
-    sums = csum[..., bounds[1:], :] - csum[..., bounds[:-1], :]  # (B, H, m, D)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SegmentMeans.apply(x, segments)
+    bounds = _segment_bounds(x.shape[-2], segments, x.device)  # (m+1,)
     lengths = (bounds[1:] - bounds[:-1]).to(x.dtype)  # (m,)
-    return sums / lengths[:, None]  # (B, H, m, D)
+    return _segment_sums(x, bounds) / lengths[:, None]  # (B, H, m, D)
 
 
 def iterative_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
-    """Moore-Penrose pseudo-inverse by Razavi's iteration. a: [..., m, m] -> [..., m, m], in fp32."""
+    """Moore-Penrose pseudo-inverse by Razavi's iteration. a: [..., m, m] -> [..., m, m], in fp32.
+
+    Each step ``Z <- 1/4 Z (13 I - A Z (15 I - A Z (7 I - A Z)))`` is four batched products, the
+    ``c I - ...`` parts fused into them (``baddbmm``)."""
     a = a.float()
+    batch, m = a.shape[:-2], a.shape[-1]
+    a = a.reshape(-1, m, m)  # (b, m, m)
     abs_a = a.abs()
-    col = abs_a.sum(dim=-2).amax(dim=-1)  # (...,) max column sum = ||a||_1
-    row = abs_a.sum(dim=-1).amax(dim=-1)  # (...,) max row sum = ||a||_inf
-    z = a.transpose(-2, -1) / (col * row)[..., None, None]  # (..., m, m)
-    eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)  # (m, m)
+    col = abs_a.sum(dim=-2).amax(dim=-1)  # (b,) max column sum = ||a||_1
+    row = abs_a.sum(dim=-1).amax(dim=-1)  # (b,) max row sum = ||a||_inf
+    z = a.transpose(-2, -1) / (col * row)[:, None, None]  # (b, m, m)
+    eye = torch.eye(m, device=a.device, dtype=a.dtype)  # (m, m)
+    eye7, eye15, eye13 = 7 * eye, 15 * eye, 13 * eye
     for _ in range(iterations):
-        az = a @ z  # (..., m, m)
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))  # (..., m, m)
-    return z
+        az = torch.bmm(a, z)  # (b, m, m)
+        t = torch.baddbmm(eye15, az, eye7 - az, alpha=-1)  # 15 I - AZ (7 I - AZ)
+        t = torch.baddbmm(eye13, az, t, alpha=-1)  # 13 I - AZ (...)
+        z = torch.baddbmm(z, z, t, beta=0, alpha=0.25)  # Z (...) / 4
+    return z.reshape(*batch, m, m)
 
 
 def nystrom_attention(
@@ -90,17 +129,19 @@ def nystrom_attention(
 ) -> torch.Tensor:
     """Nystrom approximation of ``softmax(q k^T / sqrt(D)) v``. q, k, v: [B, H, N, D] -> [B, H, N, D].
 
-    Exact softmax when ``landmarks >= N``. Computed in fp32 with autocast disabled.
+    Exact softmax when ``landmarks >= N``. Computed in fp32 with autocast disabled. The 1/sqrt(D)
+    scale goes onto the [m, D] landmarks rather than the [N, D] queries (the same numbers when D is a
+    power of 4, as 16 and 64: the scale is then a power of two).
     """
     n = int(q.shape[-2])  # a plain int also under jit tracing (fvcore)
     if landmarks >= n:
         return softmax_attention(q, k, v)  # (B, H, N, D)
+    scale = q.shape[-1] ** -0.5
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q32 = q.float() * q.shape[-1] ** -0.5  # (B, H, N, D)
-        k32, v32 = k.float(), v.float()
-        q_land = segment_means(q32, landmarks)  # (B, H, m, D)
+        q32, k32, v32 = q.float(), k.float(), v.float()
+        q_land = segment_means(q32, landmarks) * scale  # (B, H, m, D), scaled
         k_land = segment_means(k32, landmarks)  # (B, H, m, D)
-        kernel_1 = (q32 @ k_land.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, m)
+        kernel_1 = (q32 @ (k_land * scale).transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, m)
         kernel_2 = (q_land @ k_land.transpose(-2, -1)).softmax(dim=-1)  # (B, H, m, m)
         kernel_3 = (q_land @ k32.transpose(-2, -1)).softmax(dim=-1)  # (B, H, m, N)
         context = kernel_3 @ v32  # (B, H, m, D)
@@ -119,6 +160,7 @@ class NystromAttention(AttentionBase):
         conv_kernel: odd length of the depthwise value-residual conv along the sequence, or None.
     """
 
+    contiguous_qkv = True  # see AttentionBase.contiguous_qkv
     hparams = {
         "landmarks": HParam(int, 32, "landmark count m (>= tokens: exact attention)", minimum=1, short="m", sweep=(32, 64)),
         "pinv_iterations": HParam(
@@ -169,8 +211,9 @@ class NystromAttention(AttentionBase):
         m = landmarks
         if m >= N:
             return SoftmaxAttention.activation_bytes(N, D, H, dtype_bytes=dtype_bytes, fused=True, num_prefix_tokens=num_prefix_tokens)
-        # scaled q; kernels 1 and 3; landmarks and contexts; kernel 2 and ~6 m x m iterates per pinv step
-        return fp32_core_bytes(N * D + 2 * N * m + 4 * m * D + (6 * pinv_iterations + 2) * m * m, N, D, H, dtype_bytes)
+        # kernels 1 and 3; landmarks (q~, k~ and the scaled k~) and contexts; kernel 2, Z0 and 5 m x m
+        # iterates per pinv step
+        return fp32_core_bytes(2 * N * m + 5 * m * D + (5 * pinv_iterations + 2) * m * m, N, D, H, dtype_bytes)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = nystrom_attention(q, k, v, self.landmarks, self.pinv_iterations)  # (B, H, N, D)
