@@ -408,6 +408,38 @@ class _Recompute(torch.autograd.Function):
         return (*(next(found) if t is not None and t.requires_grad else None for t in inputs), None)
 
 
+# Per-geometry constants (window validity, tail sizes), built once per (grid, window, rates, heads, device).
+_LAYOUTS: dict = {}
+
+
+def _layout(grid_size: Tuple[int, int], window: int, dilation: Tuple[int, ...], H: int, device: torch.device):
+    """(geometry, valid (H, Np, w*w) bool, n_tail (H, Np, 1), tail_on (1, H, Np, 1)) for these windows."""
+    key = (tuple(grid_size), window, dilation, H, str(device))
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
+    hp, wp = grid_size
+    Np = hp * wp
+    groups, valid, has_tail = [], [], []
+    for (h0, h1), rate in zip(head_groups(H, len(dilation)), dilation):
+        groups.append((h0, h1, rate))
+        idx = neighbour_index(grid_size, window, rate, device=device)  # (Np, w*w)
+        valid.append((idx < Np).expand(h1 - h0, Np, window * window))  # (h, Np, w*w)
+        # A window reaching every patch from every patch leaves no tail: drop it exactly rather than
+        # as "global sum minus window", which would leave fp32 cancellation noise.
+        reach = (window // 2) * rate
+        has_tail += [float(reach < max(hp, wp) - 1 or rate > 1)] * (h1 - h0)
+    geometry: Geometry = ((hp, wp), window, tuple(groups))
+    valid = torch.cat(valid, dim=0)  # (H, Np, w*w)
+    n_tail = Np - valid.sum(dim=-1, keepdim=True).float()  # (H, Np, 1): patches outside each window
+    tail_on = torch.tensor(has_tail, device=device).view(1, H, 1, 1) * (n_tail > 0).float()  # (1, H, Np, 1)
+    layout = (geometry, valid, n_tail, tail_on)
+    if not torch.compiler.is_compiling():
+        if len(_LAYOUTS) > 64:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return layout
+
+
 def _hybrid(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -420,73 +452,59 @@ def _hybrid(
     window: int,
     stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """The hybrid's forward graph -> (out, (stats (B, H, Np, 4), pi (B, H, 1, 1))). `stats`, from an
-    earlier call on the same inputs, supplies the held-fixed quantities (c_q, g, shift, log_gap - shift)."""
+    """The hybrid's forward graph -> (out, (stats (B, H, Np, 4), head_stats (B, H, 1, 2))). `stats`, from
+    an earlier call on the same inputs, supplies the held-fixed quantities: per query (c_q, g, shift,
+    log_gap - shift), per head (pi, c_k); the window checks are then skipped."""
     B, H, N, D = (int(size) for size in q.shape)
     hp, wp = grid_size
     Np = hp * wp
-    scale = D**-0.5
-    w2 = window * window
     out_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k, v = q.float(), k.float(), v.float()
-        projection = projection.float()
         m = projection.shape[0]
         tiny = torch.finfo(torch.float32).tiny
-        out_prefix = softmax_attention(q[:, :, :P], k, v, fused=False)  # (B, H, P, D)
+        geometry, valid, n_tail, tail_on = _layout(grid_size, window, dilation, H, q.device)
         # Keys centred on their patch mean: q_i . (k_j - mu) differs from q_i . k_j by a per-query
         # constant, so softmax is unchanged, but the feature estimator's variance (~exp|q' + k'|^2)
         # drops when keys share a component (pretrained ViT keys do).
         mu = k[:, :, P:].mean(dim=2, keepdim=True)  # (B, H, 1, D)
-        kc = k - mu  # (B, H, N, D)
-        qp, kp, vp = q[:, :, P:], kc[:, :, P:], v[:, :, P:]  # (B, H, Np, D) each
-        kpre, vpre = kc[:, :, :P], v[:, :, :P]  # (B, H, P, D) each
-
-        # Dilated windows, one head group per rate; validity of every (patch, slot) from the neighbour index.
-        groups, valid, has_tail = [], [], []
-        for (h0, h1), rate in zip(head_groups(H, len(dilation)), dilation):
-            groups.append((h0, h1, rate))
-            idx = neighbour_index(grid_size, window, rate, device=q.device)  # (Np, w*w)
-            valid.append((idx < Np).expand(h1 - h0, Np, w2))  # (h, Np, w*w)
-            # A window reaching every patch from every patch leaves no tail: drop it exactly rather than
-            # as "global sum minus window", which would leave fp32 cancellation noise.
-            reach = (window // 2) * rate
-            has_tail += [float(reach < max(hp, wp) - 1 or rate > 1)] * (h1 - h0)
-        geometry: Geometry = ((hp, wp), window, tuple(groups))
-        valid = torch.cat(valid, dim=0)  # (H, Np, w*w)
-        tail_on = torch.tensor(has_tail, device=q.device).view(1, H, 1, 1)  # (1, H, 1, 1)
-        n_tail = Np - valid.sum(dim=-1, keepdim=True).float()  # (H, Np, 1): patches outside each window
-        tail_on = tail_on * (n_tail > 0).float()  # (1, H, Np, 1)
+        kp, kpre = k[:, :, P:] - mu, k[:, :, :P] - mu  # (B, H, Np, D), (B, H, P, D)
+        vp, vpre = v[:, :, P:].contiguous(), v[:, :, :P]  # (B, H, Np, D), (B, H, P, D)
+        qs = q[:, :, P:] * D**-0.5  # (B, H, Np, D)
+        if P:  # prefix queries: exact softmax over all N (centred) keys
+            qpre = q[:, :, :P] * D**-0.5  # (B, H, P, D)
+            a_p = torch.cat([qpre @ kpre.transpose(-2, -1), qpre @ kp.transpose(-2, -1)], dim=-1).softmax(dim=-1)  # (B, H, P, N)
+            out_prefix = a_p[..., :P] @ vpre + a_p[..., P:] @ vp  # (B, H, P, D)
 
         # Exact logits of the window and of the prefix keys.
-        qs = qp * scale  # (B, H, Np, D)
-        s_win = window_dot(qs, kp, geometry).masked_fill(~valid, float("-inf"))  # (B, H, Np, w*w)
+        s_raw = window_dot(qs, kp, geometry)  # (B, H, Np, w*w), 0 off the grid
+        s_win = s_raw.masked_fill(~valid, float("-inf"))  # (B, H, Np, w*w)
         s_pre = qs @ kpre.transpose(-2, -1)  # (B, H, Np, P)
-        # Mean-field tail: the mean key and the value sum of the tail (all patches minus the window);
-        # the centred patch keys sum to zero.
-        win_kv = window_sum(qp.new_ones(B, H, Np, w2), torch.cat([kp, vp], dim=-1), geometry)  # (B, H, Np, 2D)
-        k_tail = -win_kv[..., :D] / n_tail.clamp_min(1.0)  # (B, H, Np, D)
-        v_tail = vp.sum(dim=2, keepdim=True) - win_kv[..., D:]  # (B, H, Np, D)
-        s_mf = (qs * k_tail).sum(dim=-1, keepdim=True)  # (B, H, Np, 1): mean tail logit
+        # Mean-field tail logit q_i . (mean tail key): the centred patch keys sum to zero, so the tail's
+        # key sum is minus the window's, and q_i . (window key sum) is the sum of the window logits.
+        s_sum = s_raw.sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
+        s_mf = -s_sum / n_tail.clamp_min(1.0)  # (B, H, Np, 1): mean tail logit
 
-        # FAVOR+ kernel parts without Performer's eps; keys share one stabiliser c_k per (batch, head).
-        proj_k, diag_k = softmax_feature_parts(kp, projection)  # (B, H, Np, m), (B, H, Np, 1)
-        log_k = proj_k - diag_k  # (B, H, Np, m)
-        c_k = log_k.detach().amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
-        e_k = (log_k - c_k).exp()  # (B, H, Np, m)
-        proj_q, diag_q = softmax_feature_parts(qp, projection)  # (B, H, Np, m), (B, H, Np, 1)
-        log_q = proj_q - diag_q  # (B, H, Np, m)
-        # One offset per query for every term (features, window, prefix, mean field): the largest, so
-        # every exponential is <= 1; it cancels in num / den.
+        # FAVOR+ kernel parts without Performer's eps (softmax_feature_parts, with x' = x D^-1/4 folded
+        # into the projection): log e(x) = W x' - |x'|^2 / 2 - c; keys share one c_k per (batch, head).
+        wt = projection.float().t()  # (D, m)
+        proj_k = kp @ (wt * D**-0.25)  # (B, H, Np, m)
+        diag_k = kp.square().sum(dim=-1, keepdim=True) * (0.5 * D**-0.5)  # (B, H, Np, 1)
+        proj_q = qs @ (wt * D**0.25)  # (B, H, Np, m): W q', q' = qs D^1/4
+        diag_q = qs.square().sum(dim=-1, keepdim=True) * (0.5 * D**0.5)  # (B, H, Np, 1)
         with torch.no_grad():
-            if stats is not None:
-                c_q = stats[0][..., 0:1]  # (B, H, Np, 1)
-            else:
-                c_q = torch.maximum(log_q.amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True) - c_k)
+            if stats is None:
+                c_k = (proj_k - diag_k).amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
+                # One offset per query for every term (features, window, prefix, mean field): the largest,
+                # so every exponential is <= 1; it cancels in num / den.
+                c_q = torch.maximum((proj_q - diag_q).amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True) - c_k)
                 c_q = torch.maximum(c_q, s_mf - c_k)
                 if P:
                     c_q = torch.maximum(c_q, s_pre.amax(dim=-1, keepdim=True) - c_k)  # (B, H, Np, 1)
-        e_q = (log_q - c_q).exp()  # (B, H, Np, m)
+            else:
+                c_q, c_k = stats[0][..., 0:1], stats[1][..., 1:2]  # (B, H, Np, 1), (B, H, 1, 1)
+        e_k = (proj_k - (diag_k + (c_k + math.log(m)))).exp()  # (B, H, Np, m): e(k) / m
+        e_q = (proj_q - (diag_q + c_q)).exp()  # (B, H, Np, m)
         a_win = (s_win - c_k - c_q).exp()  # (B, H, Np, w*w), zero off the grid
         a_pre = (s_pre - c_k - c_q).exp()  # (B, H, Np, P)
         a_mf = (s_mf - c_k - c_q).exp()  # (B, H, Np, 1)
@@ -495,14 +513,13 @@ def _hybrid(
         # estimator's relative squared error on them (rho2_rf: the kernel estimates of the same terms;
         # rho2_mf: exp of the window's mean logit for every window key) weights it, inversely:
         # g = rho2_mf / (rho2_rf + rho2_mf) for the random-feature tail, 1 - g for the mean-field tail.
-        p_win = window_dot(e_q, e_k, geometry) / m  # (B, H, Np, w*w), zero off the grid
+        p_win = window_dot(e_q, e_k, geometry)  # (B, H, Np, w*w): e(q_i) . e(k_j) / m, zero off the grid
         with torch.no_grad():
             if stats is None:
                 inv_a = 1.0 / a_win.clamp_min(tiny)  # (B, H, Np, w*w)
                 mass = a_win.sum(dim=-1, keepdim=True).clamp_min(tiny)  # (B, H, Np, 1)
                 n_win = Np - n_tail  # (H, Np, 1): patches in each window
-                k_win = win_kv[..., :D] / n_win  # (B, H, Np, D): mean window key
-                s_w = (qs * k_win).sum(dim=-1, keepdim=True)  # (B, H, Np, 1): mean window logit
+                s_w = s_sum / n_win  # (B, H, Np, 1): mean window logit
                 a_mf_win = (s_w - c_k - c_q).exp()  # (B, H, Np, 1)
                 rho2_rf = ((p_win - a_win).square() * inv_a).sum(dim=-1, keepdim=True) / mass  # (B, H, Np, 1)
                 rho2_mf = ((a_mf_win - a_win).square() * inv_a * valid).sum(dim=-1, keepdim=True) / mass
@@ -530,18 +547,19 @@ def _hybrid(
                 log_gap = mass.log() - n_win.log() - (s_w - c_k - c_q)  # (B, H, Np, 1)
                 # The sampled estimate has its own scale: exact terms times r, tail level <= 1 / n_tail.
                 shift = (s_mf - c_k - c_q + log_gap + n_tail.clamp_min(1.0).log()).clamp_min(0.0)  # (B, H, Np, 1)
-                gap_shift = log_gap - shift  # (B, H, Np, 1)
-                stats = (torch.cat([c_q, g, shift, gap_shift], dim=-1), pi)  # (B, H, Np, 4), (B, H, 1, 1)
+                stats = (
+                    torch.cat([c_q, g, shift, log_gap - shift], dim=-1),  # (B, H, Np, 4)
+                    torch.cat([pi, c_k], dim=-1),  # (B, H, 1, 2)
+                )
             g, shift, gap_shift = stats[0][..., 1:2], stats[0][..., 2:3], stats[0][..., 3:4]  # (B, H, Np, 1) each
-            pi = stats[1]  # (B, H, 1, 1)
+            pi = stats[1][..., 0:1]  # (B, H, 1, 1)
             r = (-shift).exp()  # (B, H, Np, 1)
         a_gap = (s_mf - c_k - c_q + gap_shift).exp()  # (B, H, Np, 1): mean field times the gap
 
         # Random-feature tail = global kernel sums minus the window's own kernel estimates.
-        ones = vp.new_ones(B, H, Np, 1)
-        context = e_k.transpose(-2, -1) @ torch.cat([vp, ones], dim=-1) / m  # (B, H, m, D+1)
-        tail = e_q @ context  # (B, H, Np, D+1)
-        tail_den = (tail[..., -1:] - p_win.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (B, H, Np, 1)
+        tail_v = e_q @ (e_k.transpose(-2, -1) @ vp)  # (B, H, Np, D)
+        tail_1 = e_q @ e_k.sum(dim=2).unsqueeze(-1)  # (B, H, Np, 1)
+        tail_den = (tail_1 - p_win.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (B, H, Np, 1)
         fw = tail_on if far_weight is None else tail_on * far_weight.float()  # (B|1, H, Np, 1)
         g_rf, g_mf, g_gap = fw * g, fw * (1.0 - g) * a_mf, fw * a_gap  # (B, H, Np, 1) each
         exact_mass = a_win.sum(dim=-1, keepdim=True) + a_pre.sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
@@ -551,15 +569,17 @@ def _hybrid(
         w_checked = (1.0 - pi) / den_checked.clamp_min(tiny)  # (B, H, Np, 1)
         w_sampled = pi / den_sampled.clamp_min(tiny)  # (B, H, Np, 1)
         w_exact = w_checked + w_sampled * r  # (B, H, Np, 1)
-        weights = w_exact * a_win - (w_checked * g_rf) * p_win  # (B, H, Np, w*w)
-        out_patch = (
-            window_sum(weights, vp, geometry)
-            + (w_exact * a_pre) @ vpre
-            + (w_checked * g_rf) * tail[..., :-1]
-            + (w_checked * g_mf + w_sampled * g_gap) * v_tail
-        )  # (B, H, Np, D)
-        out = torch.cat([out_prefix, out_patch], dim=2)  # (B, H, N, D)
-    return out.to(out_dtype), stats
+        w_rf = w_checked * g_rf  # (B, H, Np, 1)
+        # The flat tails weight every tail value by w_flat: all patches' value sum minus the window's.
+        w_flat = w_checked * g_mf + w_sampled * g_gap  # (B, H, Np, 1)
+        weights = w_exact * a_win - w_rf * p_win - w_flat  # (B, H, Np, w*w)
+        out_patch = window_sum(weights, vp, geometry)  # (B, H, Np, D)
+        out_patch = torch.addcmul(out_patch, w_rf, tail_v)
+        out_patch = torch.addcmul(out_patch, w_flat, vp.sum(dim=2, keepdim=True))
+        if P:
+            out_patch = out_patch + (w_exact * a_pre) @ vpre
+            out_patch = torch.cat([out_prefix, out_patch], dim=2)  # (B, H, N, D)
+    return out_patch.to(out_dtype), stats
 
 
 @register_attention("atrous_linear")
@@ -618,12 +638,10 @@ class AtrousLinearAttention(AttentionBase):
         per_head = (
             2 * P * N * D * 2  # prefix queries: exact softmax over all N keys
             + 2 * Np * m * D * 2  # feature projections of patch q and k
-            + 2 * Np * m * (D + 1) * 2  # phi(K)^T [V,1]; phi(q) @ context
+            + 2 * Np * m * (2 * D + 1)  # phi(K)^T V; phi(q) @ that and @ phi(K)^T 1
             + 2 * Np * w2 * D * 2  # window logits; window weights @ V
             + 2 * Np * P * D * 2  # prefix-key logits; their weights @ V
             + 2 * Np * w2 * m  # phi(q_i) . phi(k_j) on the window
-            + 2 * Np * w2 * 2 * D  # window sums of k and v (mean-field tail)
-            + 2 * Np * D * 2  # mean tail and mean window logits
         )
         if fusion == "gate":
             per_head += 2 * Np * D  # gate logits q_i . a_h
@@ -632,17 +650,17 @@ class AtrousLinearAttention(AttentionBase):
     @classmethod
     def uncounted_flops(cls, N, D, H, *, num_prefix_tokens, features, window, **hparams):
         # The window products (w*w logits and feature terms per patch, the window-weighted sum of
-        # values, the window sums of k and v) run as shifted elementwise products, and the mean tail and
-        # window logits as elementwise products: all invisible to FlopCounterMode.
+        # values) run as shifted elementwise products, invisible to FlopCounterMode. (The mean tail and
+        # window logits are sums of the window logits; the flat tails' values ride on the weighted sum.)
         m, w2, Np = features, window**2, N - num_prefix_tokens
-        return H * (2 * Np * w2 * D * 2 + 2 * Np * w2 * m + 2 * Np * w2 * 2 * D + 2 * Np * D * 2)
+        return H * (2 * Np * w2 * D * 2 + 2 * Np * w2 * m)
 
     @classmethod
     def activation_bytes(cls, N, D, H, *, dtype_bytes, fused, num_prefix_tokens, features, window, **hparams):
         # Recomputed in backward: beyond q, k, v (inputs, in their own dtype) only the fp32 per-query
-        # statistics (c_q, g, shift, log_gap - shift) and the per-head switch pi are saved.
+        # statistics (c_q, g, shift, log_gap - shift) and per-head ones (pi, c_k) are saved.
         Np = N - num_prefix_tokens
-        return int(H * (4 * Np + 1) * 4)
+        return int(H * (4 * Np + 2) * 4)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         far_weight = None
