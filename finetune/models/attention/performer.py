@@ -122,6 +122,76 @@ def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) 
     return out[..., :-1] / out[..., -1:]  # (B, H, N, D)
 
 
+def _favor_softmax_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor):
+    """FAVOR+ softmax-kernel attention on [b, N, D] fp32 inputs, in as few passes over [N, m] as it
+    takes, plus what its backward needs.
+
+    The same numbers as `favor_features` + `linear_attention`, rearranged:
+    - the D^(-1/4) data scale goes onto the [m, D] projection (w) instead of q and k;
+    - the feature scale m^(-1/2) is dropped: it multiplies numerator and denominator alike;
+    - eps is never added to an [N, m] map: with e = exp(...) and phi = e + eps,
+      ``phi_k^T [V, 1] = e_k^T [V, 1] + eps 1 colsum([V, 1])`` and
+      ``phi_q C = e_q C + eps 1 colsum(C)``, rank-one terms on [m, D+1] and [1, D+1] tensors (the
+      second one fused into the product: ``baddbmm``);
+    - the [V, 1] column is the key-feature sum, so [V, 1] is never built.
+
+    Returns out [b, N, D] and (w, e_q, e_k, C, den) for the backward.
+    """
+    n, d = q.shape[-2], q.shape[-1]
+    w = projection * d**-0.25  # (m, D)
+    half_scale = 0.5 * d**-0.5  # |x D^(-1/4)|^2 / 2 = |x|^2 D^(-1/2) / 2
+    e_q = q @ w.t()  # (b, N, m)
+    shift_q = torch.linalg.vector_norm(q, dim=-1, keepdim=True).square_().mul_(half_scale)  # (b, N, 1)
+    shift_q += e_q.amax(dim=-1, keepdim=True)  # per-query stabiliser
+    e_q.sub_(shift_q).exp_()  # (b, N, m)
+    e_k = k @ w.t()  # (b, N, m)
+    shift_k = torch.linalg.vector_norm(k, dim=-1, keepdim=True).square_().mul_(half_scale)  # (b, N, 1)
+    shift_k += e_k.amax(dim=(-2, -1), keepdim=True)  # one stabiliser per (batch, head)
+    e_k.sub_(shift_k).exp_()  # (b, N, m)
+    eps = SOFTMAX_KERNEL_EPS
+    context = torch.empty(e_k.shape[:-2] + (e_k.shape[-1], d + 1), dtype=e_k.dtype, device=e_k.device)  # (b, m, D+1)
+    torch.baddbmm(v.sum(dim=-2, keepdim=True).mul_(eps), e_k.transpose(-2, -1), v, out=context[..., :d])  # phi_k^T V
+    context[..., d] = e_k.sum(dim=-2).add_(eps * n)  # phi_k^T 1
+    full = torch.baddbmm(context.sum(dim=-2, keepdim=True).mul_(eps), e_q, context)  # (b, N, D+1) = phi_q C
+    den = full[..., d:].clone()  # (b, N, 1)
+    return full[..., :d] / den, (w, e_q, e_k, context, den)
+
+
+class _FavorSoftmax(torch.autograd.Function):
+    """FAVOR+ softmax-kernel attention with a hand-written backward: [b, N, D] fp32 -> [b, N, D].
+
+    Saves e_q, e_k [N, m], the output and its denominator (autograd's own graph of the same maths
+    keeps ~3x as many [N, m] maps and walks each of them several times more)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, projection):
+        out, (w, e_q, e_k, context, den) = _favor_softmax_forward(q, k, v, projection)
+        ctx.save_for_backward(q, k, v, w, e_q, e_k, context, out, den)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, w, e_q, e_k, context, out, den = ctx.saved_tensors
+        d = q.shape[-1]
+        eps = SOFTMAX_KERNEL_EPS
+        g_full = torch.empty(grad.shape[:-1] + (d + 1,), dtype=grad.dtype, device=grad.device)  # (b, N, D+1)
+        g_num = torch.div(grad, den, out=g_full[..., :d])  # d loss / d numerator
+        g_full[..., d:] = (g_num * out).sum(dim=-1, keepdim=True).neg_()  # d loss / d denominator
+        g_eq = g_full @ context.transpose(-2, -1)  # (b, N, m)
+        g_context = torch.baddbmm(g_full.sum(dim=-2, keepdim=True).mul_(eps), e_q.transpose(-2, -1), g_full)  # (b, m, D+1)
+        g_cv = g_context[..., :d]  # (b, m, D)
+        g_ek = torch.baddbmm(g_context[..., d].unsqueeze(-2), v, g_cv.transpose(-2, -1))  # (b, N, m)
+        g_v = torch.baddbmm(g_cv.sum(dim=-2, keepdim=True).mul_(eps), e_k, g_cv)  # (b, N, D)
+        # exponent = x w^T - |x|^2 D^(-1/2) / 2 (stabilisers are constants): d/dx = w - D^(-1/2) x
+        grads = []
+        for g_e, e, x in ((g_eq, e_q, q), (g_ek, e_k, k)):
+            g_e.mul_(e)  # (b, N, m): d loss / d exponent
+            g_x = g_e @ w  # (b, N, D)
+            g_x.addcmul_(x, g_e.sum(dim=-1, keepdim=True), value=-(d**-0.5))
+            grads.append(g_x)
+        return grads[0], grads[1], g_v, None
+
+
 def performer_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -131,9 +201,21 @@ def performer_attention(
 ) -> torch.Tensor:
     """FAVOR+ attention. q, k, v: [B, H, N, D], projection: [m, D] -> [B, H, N, D] (dtype of v).
 
-    Estimates ``softmax(q k^T / sqrt(D)) v``; computed in fp32 with autocast disabled.
+    Estimates ``softmax(q k^T / sqrt(D)) v``; computed in fp32 with autocast disabled. The softmax
+    kernel runs `_favor_softmax_forward` (and its hand-written backward when gradients are needed);
+    the relu kernel, and a projection that itself requires grad, the plain composition of
+    `favor_features` and `linear_attention`.
     """
     with torch.autocast(device_type=q.device.type, enabled=False):
+        if kernel == "softmax" and not projection.requires_grad:
+            lead = q.shape[:-2]
+            q32, k32, v32 = (t.float().reshape((-1,) + t.shape[-2:]) for t in (q, k, v))  # (b, N, D)
+            projection = projection.float()
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                out = _FavorSoftmax.apply(q32, k32, v32, projection)  # (b, N, D)
+            else:
+                out = _favor_softmax_forward(q32, k32, v32, projection)[0]  # (b, N, D)
+            return out.reshape(lead + out.shape[-2:]).to(v.dtype)  # (B, H, N, D)
         phi_q, phi_k = favor_features(q, k, projection, kernel)  # (B, H, N, m) each
         out = linear_attention(phi_q, phi_k, v)  # (B, H, N, D)
     return out.to(v.dtype)
@@ -170,15 +252,17 @@ class PerformerAttention(AttentionBase):
     @classmethod
     def flops(cls, N, D, H, *, num_prefix_tokens, features, **hparams):
         m = features
+        if hparams.get("kernel", "softmax") == "softmax":  # phi(q), phi(k); phi(K)^T V, phi(Q) [ctx, k_sum]
+            return H * (2 * N * m * D * 2 + 2 * N * m * D + 2 * N * m * (D + 1))
         return H * (2 * N * m * D * 2 + 2 * N * m * (D + 1) * 2)  # phi(q), phi(k); phi(K)^T [V,1], phi(Q) ctx
 
     @classmethod
     def activation_bytes(cls, N, D, H, *, dtype_bytes, fused, num_prefix_tokens, features, kernel, **hparams):
         m = features
-        # scaled q, k; exponents, their exps and features of q and k (relu: pre-activations and
-        # features); [V,1] and the output; context
-        feature_maps = 3 * N * m if kernel == "relu" else 6 * N * m + N
-        return fp32_core_bytes(2 * N * D + feature_maps + 2 * N * (D + 1) + m * (D + 1), N, D, H, dtype_bytes)
+        if kernel == "softmax":  # exp features of q and k; the output and its denominator; context, w
+            return fp32_core_bytes(2 * N * m + N * (D + 1) + m * (2 * D + 1), N, D, H, dtype_bytes)
+        # scaled q, k; relu pre-activations and features of q and k; [V,1] and the output; context
+        return fp32_core_bytes(2 * N * D + 3 * N * m + 2 * N * (D + 1) + m * (D + 1), N, D, H, dtype_bytes)
 
     @torch.no_grad()
     def redraw_projection(self, generator: Optional[torch.Generator] = None) -> None:
