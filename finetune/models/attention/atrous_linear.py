@@ -237,42 +237,39 @@ def _shifts(window: int, rate: int) -> List[Tuple[int, int]]:
     return [(dy, dx) for dy in offsets for dx in offsets]
 
 
-def _grid(x: torch.Tensor, grid_size: Tuple[int, int], pad: int = 0) -> torch.Tensor:
-    """(B, h, Np, C) -> (B, h, Hp + 2 pad, Wp + 2 pad, C), zero-padded on the grid's borders."""
-    B, h, _, C = x.shape
-    x = x.reshape(B, h, grid_size[0], grid_size[1], C)  # (B, h, Hp, Wp, C)
-    return torch.nn.functional.pad(x, (0, 0, pad, pad, pad, pad)) if pad else x
+def _spans(shift: int, size: int) -> Tuple[slice, slice]:
+    """(target, source) index ranges along one grid axis for a shift: target i reads source i + shift."""
+    lo, hi = max(0, -shift), min(size, size - shift)
+    return slice(lo, max(lo, hi)), slice(lo + shift, max(lo, hi) + shift)
 
 
 def _window_dot(x: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """out[i, o] = x_i . y_(i + shift_o), 0 off the grid. x, y: (B, H, Np, C) -> (B, H, Np, w*w)."""
     (hp, wp), window, groups = geometry
-    B, H, Np, _ = x.shape
-    out = x.new_empty(B, H, Np, window * window)  # (B, H, Np, w*w)
+    B, H, Np, C = x.shape
+    out = x.new_zeros(B, H, hp, wp, window * window)  # (B, H, Hp, Wp, w*w)
+    xg, yg = x.view(B, H, hp, wp, C), y.view(B, H, hp, wp, C)
     for h0, h1, rate in groups:
-        pad = (window // 2) * rate
-        xg = _grid(x[:, h0:h1], (hp, wp))  # (B, h, Hp, Wp, C)
-        yg = _grid(y[:, h0:h1], (hp, wp), pad)  # (B, h, Hp+2p, Wp+2p, C)
         for o, (dy, dx) in enumerate(_shifts(window, rate)):
-            shifted = yg[:, :, pad + dy : pad + dy + hp, pad + dx : pad + dx + wp]  # (B, h, Hp, Wp, C)
-            out[:, h0:h1, :, o] = (xg * shifted).sum(dim=-1).reshape(B, h1 - h0, Np)
-    return out
+            (ti, si), (tj, sj) = _spans(dy, hp), _spans(dx, wp)
+            out[:, h0:h1, ti, tj, o] = torch.linalg.vecdot(xg[:, h0:h1, ti, tj], yg[:, h0:h1, si, sj])
+    return out.view(B, H, Np, window * window)
 
 
 def _window_sum(w: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """out_i = sum_o w[i, o] y_(i + shift_o). w: (B, H, Np, w*w), y: (B, H, Np, C) -> (B, H, Np, C)."""
     (hp, wp), window, groups = geometry
     B, H, Np, C = y.shape
-    out = y.new_zeros(B, H, Np, C)  # (B, H, Np, C)
+    out = y.new_empty(B, H, hp, wp, C)  # (B, H, Hp, Wp, C)
+    wg, yg = w.view(B, H, hp, wp, window * window), y.view(B, H, hp, wp, C)
+    centre = (window * window) // 2  # the zero shift: covers the whole grid, so it initialises `out`
     for h0, h1, rate in groups:
-        pad = (window // 2) * rate
-        og = out[:, h0:h1].view(B, h1 - h0, hp, wp, C)  # (B, h, Hp, Wp, C), a view into `out`
-        yg = _grid(y[:, h0:h1], (hp, wp), pad)  # (B, h, Hp+2p, Wp+2p, C)
-        wg = _grid(w[:, h0:h1], (hp, wp))  # (B, h, Hp, Wp, w*w)
+        torch.mul(wg[:, h0:h1, :, :, centre : centre + 1], yg[:, h0:h1], out=out[:, h0:h1])
         for o, (dy, dx) in enumerate(_shifts(window, rate)):
-            shifted = yg[:, :, pad + dy : pad + dy + hp, pad + dx : pad + dx + wp]  # (B, h, Hp, Wp, C)
-            og.addcmul_(wg[..., o : o + 1], shifted)
-    return out
+            if o != centre:
+                (ti, si), (tj, sj) = _spans(dy, hp), _spans(dx, wp)
+                out[:, h0:h1, ti, tj].addcmul_(wg[:, h0:h1, ti, tj, o : o + 1], yg[:, h0:h1, si, sj])
+    return out.view(B, H, Np, C)
 
 
 def _window_scatter(w: torch.Tensor, x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
@@ -282,16 +279,16 @@ def _window_scatter(w: torch.Tensor, x: torch.Tensor, geometry: Geometry) -> tor
     """
     (hp, wp), window, groups = geometry
     B, H, Np, C = x.shape
-    out = x.new_empty(B, H, Np, C)
+    out = x.new_empty(B, H, hp, wp, C)  # (B, H, Hp, Wp, C)
+    wg, xg = w.view(B, H, hp, wp, window * window), x.view(B, H, hp, wp, C)
+    centre = (window * window) // 2
     for h0, h1, rate in groups:
-        pad = (window // 2) * rate
-        acc = x.new_zeros(B, h1 - h0, hp + 2 * pad, wp + 2 * pad, C)  # (B, h, Hp+2p, Wp+2p, C)
-        xg = _grid(x[:, h0:h1], (hp, wp))  # (B, h, Hp, Wp, C)
-        wg = _grid(w[:, h0:h1], (hp, wp))  # (B, h, Hp, Wp, w*w)
+        torch.mul(wg[:, h0:h1, :, :, centre : centre + 1], xg[:, h0:h1], out=out[:, h0:h1])
         for o, (dy, dx) in enumerate(_shifts(window, rate)):
-            acc[:, :, pad + dy : pad + dy + hp, pad + dx : pad + dx + wp].addcmul_(wg[..., o : o + 1], xg)
-        out[:, h0:h1] = acc[:, :, pad : pad + hp, pad : pad + wp].reshape(B, h1 - h0, Np, C)
-    return out
+            if o != centre:
+                (ti, si), (tj, sj) = _spans(dy, hp), _spans(dx, wp)  # i reads i + shift: j = i + shift gets i
+                out[:, h0:h1, si, sj].addcmul_(wg[:, h0:h1, ti, tj, o : o + 1], xg[:, h0:h1, ti, tj])
+    return out.view(B, H, Np, C)
 
 
 class _WindowDot(torch.autograd.Function):
