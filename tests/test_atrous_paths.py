@@ -70,7 +70,8 @@ def test_training_saves_only_qkv_and_per_query_statistics():
         atrous_linear_attention(q, k, v, W, grid, prefix, (1, 2, 3), 3)
     seen.pop(qkv.untyped_storage().data_ptr())  # q, k, v: one storage
     B, Np = 2, grid[0] * grid[1]
-    assert sum(seen.values()) == B * heads * (4 * Np + 2) * 4  # stats (B, H, Np, 4) and (pi, c_k) (B, H, 1, 2), fp32
+    # per query (B, H, Np, 4) and the window products (B, H, Np, 2 * 9); per head (pi, c_k) (B, H, 1, 2); fp32
+    assert sum(seen.values()) == B * heads * ((4 + 18) * Np + 2) * 4
 
 
 def test_inference_builds_no_graph():

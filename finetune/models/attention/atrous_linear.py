@@ -292,14 +292,15 @@ def _window_scatter(w: torch.Tensor, x: torch.Tensor, geometry: Geometry) -> tor
 
 
 class _WindowDot(torch.autograd.Function):
-    """s[i, o] = x_i . y_(i + shift_o); backward: dx = window_sum(ds, y), dy = scatter(ds, x)."""
+    """s[i, o] = x_i . y_(i + shift_o); backward: dx = window_sum(ds, y), dy = scatter(ds, x).
+    `known`: the product already computed (by an earlier forward on the same x, y), returned as is."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, geometry: Geometry, known: Optional[torch.Tensor]) -> torch.Tensor:
         x, y = x.contiguous(), y.contiguous()
         ctx.save_for_backward(x, y)
         ctx.geometry = geometry
-        return _window_dot(x, y, geometry)
+        return _window_dot(x, y, geometry) if known is None else known.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -308,7 +309,7 @@ class _WindowDot(torch.autograd.Function):
         grad = grad.contiguous()
         dx = _window_sum(grad, y, ctx.geometry) if ctx.needs_input_grad[0] else None
         dy = _window_scatter(grad, x, ctx.geometry) if ctx.needs_input_grad[1] else None
-        return dx, dy, None
+        return dx, dy, None, None
 
 
 class _WindowSum(torch.autograd.Function):
@@ -331,9 +332,9 @@ class _WindowSum(torch.autograd.Function):
         return dw, dy, None
 
 
-def window_dot(x: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """Differentiable `_window_dot`: (B, H, Np, C) x2 -> (B, H, Np, w*w)."""
-    return _WindowDot.apply(x, y, geometry)
+def window_dot(x: torch.Tensor, y: torch.Tensor, geometry: Geometry, known: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Differentiable `_window_dot`: (B, H, Np, C) x2 -> (B, H, Np, w*w) (`known`: its value, if computed)."""
+    return _WindowDot.apply(x, y, geometry, known)
 
 
 def window_sum(w: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
@@ -385,21 +386,21 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, far_weight, args):
-        out, (stats, pi) = _hybrid(q, k, v, far_weight, *args)
+        out, stats = _hybrid(q, k, v, far_weight, *args)
         ctx.args = args
-        ctx.save_for_backward(q, k, v, far_weight, stats, pi)
+        ctx.save_for_backward(q, k, v, far_weight, *stats)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        q, k, v, far_weight, stats, pi = ctx.saved_tensors
+        q, k, v, far_weight, *stats = ctx.saved_tensors
         inputs = [
             None if t is None else t.detach().requires_grad_(need)
             for t, need in zip((q, k, v, far_weight), ctx.needs_input_grad[:4])
         ]
         with torch.enable_grad():
-            out, _ = _hybrid(*inputs, *ctx.args, stats=(stats, pi))
+            out, _ = _hybrid(*inputs, *ctx.args, stats=tuple(stats))
         leaves = [t for t in inputs if t is not None and t.requires_grad]
         found = iter(torch.autograd.grad(out, leaves, grad, allow_unused=True))
         return (*(next(found) if t is not None and t.requires_grad else None for t in inputs), None)
@@ -447,11 +448,12 @@ def _hybrid(
     P: int,
     dilation: Tuple[int, ...],
     window: int,
-    stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """The hybrid's forward graph -> (out, (stats (B, H, Np, 4), head_stats (B, H, 1, 2))). `stats`, from
-    an earlier call on the same inputs, supplies the held-fixed quantities: per query (c_q, g, shift,
-    log_gap - shift), per head (pi, c_k); the window checks are then skipped."""
+    stats: Optional[Tuple[torch.Tensor, ...]] = None,
+) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """The hybrid's forward graph -> (out, stats). stats: per query (c_q, g, shift, log_gap - shift)
+    (B, H, Np, 4), per head (pi, c_k) (B, H, 1, 2), and the two window products (s_raw, p_win)
+    (B, H, Np, 2 w*w). Given `stats` from an earlier call on the same inputs, the held-fixed quantities
+    are read from it, the window checks skipped and the window products' forward not redone."""
     B, H, N, D = (int(size) for size in q.shape)
     hp, wp = grid_size
     Np = hp * wp
@@ -474,7 +476,8 @@ def _hybrid(
             out_prefix = a_p[..., :P] @ vpre + a_p[..., P:] @ vp  # (B, H, P, D)
 
         # Exact logits of the window and of the prefix keys.
-        s_raw = window_dot(qs, kp, geometry)  # (B, H, Np, w*w), 0 off the grid
+        w2 = window * window
+        s_raw = window_dot(qs, kp, geometry, None if stats is None else stats[2][..., :w2])  # (B, H, Np, w*w), 0 off the grid
         s_win = s_raw.masked_fill(~valid, float("-inf"))  # (B, H, Np, w*w)
         s_pre = qs @ kpre.transpose(-2, -1)  # (B, H, Np, P)
         # Mean-field tail logit q_i . (mean tail key): the centred patch keys sum to zero, so the tail's
@@ -510,7 +513,7 @@ def _hybrid(
         # estimator's relative squared error on them (rho2_rf: the kernel estimates of the same terms;
         # rho2_mf: exp of the window's mean logit for every window key) weights it, inversely:
         # g = rho2_mf / (rho2_rf + rho2_mf) for the random-feature tail, 1 - g for the mean-field tail.
-        p_win = window_dot(e_q, e_k, geometry)  # (B, H, Np, w*w): e(q_i) . e(k_j) / m, zero off the grid
+        p_win = window_dot(e_q, e_k, geometry, None if stats is None else stats[2][..., w2:])  # (B, H, Np, w*w): e(q_i) . e(k_j) / m, 0 off the grid
         with torch.no_grad():
             if stats is None:
                 inv_a = 1.0 / a_win.clamp_min(tiny)  # (B, H, Np, w*w)
@@ -547,6 +550,7 @@ def _hybrid(
                 stats = (
                     torch.cat([c_q, g, shift, log_gap - shift], dim=-1),  # (B, H, Np, 4)
                     torch.cat([pi, c_k], dim=-1),  # (B, H, 1, 2)
+                    torch.cat([s_raw, p_win], dim=-1),  # (B, H, Np, 2 w*w): the window products
                 )
             g, shift, gap_shift = stats[0][..., 1:2], stats[0][..., 2:3], stats[0][..., 3:4]  # (B, H, Np, 1) each
             pi = stats[1][..., 0:1]  # (B, H, 1, 1)
@@ -655,9 +659,10 @@ class AtrousLinearAttention(AttentionBase):
     @classmethod
     def activation_bytes(cls, N, D, H, *, dtype_bytes, fused, num_prefix_tokens, features, window, **hparams):
         # Recomputed in backward: beyond q, k, v (inputs, in their own dtype) only the fp32 per-query
-        # statistics (c_q, g, shift, log_gap - shift) and per-head ones (pi, c_k) are saved.
+        # statistics (c_q, g, shift, log_gap - shift), the window logits and kernel estimates (w*w each)
+        # and per-head ones (pi, c_k) are saved.
         Np = N - num_prefix_tokens
-        return int(H * (4 * Np + 2) * 4)
+        return int(H * ((4 + 2 * window**2) * Np + 2) * 4)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         far_weight = None
