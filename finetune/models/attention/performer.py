@@ -131,8 +131,7 @@ def _favor_softmax_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
     - the feature scale m^(-1/2) is dropped: it multiplies numerator and denominator alike;
     - eps is never added to an [N, m] map: with e = exp(...) and phi = e + eps,
       ``phi_k^T [V, 1] = e_k^T [V, 1] + eps 1 colsum([V, 1])`` and
-      ``phi_q C = e_q C + eps 1 colsum(C)``, rank-one terms on [m, D+1] and [1, D+1] tensors (the
-      second one fused into the product: ``baddbmm``);
+      ``phi_q C = e_q C + eps 1 colsum(C)``, rank-one terms on [m, D+1] and [1, D+1] tensors;
     - the [V, 1] column is the key-feature sum, so [V, 1] is never built.
 
     Returns out [b, N, D] and (w, e_q, e_k, C, den) for the backward.
@@ -149,10 +148,11 @@ def _favor_softmax_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
     shift_k += e_k.amax(dim=(-2, -1), keepdim=True)  # one stabiliser per (batch, head)
     e_k.sub_(shift_k).exp_()  # (b, N, m)
     eps = SOFTMAX_KERNEL_EPS
-    context = torch.empty(e_k.shape[:-2] + (e_k.shape[-1], d + 1), dtype=e_k.dtype, device=e_k.device)  # (b, m, D+1)
-    torch.baddbmm(v.sum(dim=-2, keepdim=True).mul_(eps), e_k.transpose(-2, -1), v, out=context[..., :d])  # phi_k^T V
-    context[..., d] = e_k.sum(dim=-2).add_(eps * n)  # phi_k^T 1
-    full = torch.baddbmm(context.sum(dim=-2, keepdim=True).mul_(eps), e_q, context)  # (b, N, D+1) = phi_q C
+    # plain two-input bmm + add_ (no baddbmm, no out=): fvcore's jit-traced MAC counter handles only that
+    context_v = torch.bmm(e_k.transpose(-2, -1), v).add_(v.sum(dim=-2, keepdim=True), alpha=eps)  # (b, m, D): phi_k^T V
+    k_sum = e_k.sum(dim=-2, keepdim=True).add_(eps * n).transpose(-2, -1)  # (b, m, 1): phi_k^T 1
+    context = torch.cat([context_v, k_sum], dim=-1)  # (b, m, D+1)
+    full = torch.bmm(e_q, context).add_(context.sum(dim=-2, keepdim=True), alpha=eps)  # (b, N, D+1) = phi_q C
     den = full[..., d:].clone()  # (b, N, 1)
     return full[..., :d] / den, (w, e_q, e_k, context, den)
 
@@ -170,6 +170,7 @@ class _FavorSoftmax(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, k, v, w, e_q, e_k, context, out, den = ctx.saved_tensors
         d = q.shape[-1]
