@@ -237,22 +237,43 @@ def _shifts(window: int, rate: int) -> List[Tuple[int, int]]:
     return [(dy, dx) for dy in offsets for dx in offsets]
 
 
-def _spans(shift: int, size: int) -> Tuple[slice, slice]:
-    """(target, source) index ranges along one grid axis for a shift: target i reads source i + shift."""
-    lo, hi = max(0, -shift), min(size, size - shift)
-    return slice(lo, max(lo, hi)), slice(lo + shift, max(lo, hi) + shift)
+_PLANS: dict = {}
+
+
+def _plan(window: int, rate: int, hp: int, wp: int) -> Tuple[Tuple[int, slice, slice, slice, slice], ...]:
+    """Per off-centre window slot o: (o, target rows, target cols, source rows, source cols) on the grid;
+    target position i reads source i + shift_o (only where that is on the grid)."""
+    key = (window, rate, hp, wp)
+    if key in _PLANS:
+        return _PLANS[key]
+
+    def spans(shift: int, size: int) -> Tuple[slice, slice]:
+        lo, hi = max(0, -shift), max(max(0, -shift), min(size, size - shift))
+        return slice(lo, hi), slice(lo + shift, hi + shift)
+
+    centre = (window * window) // 2
+    plan = []
+    for o, (dy, dx) in enumerate(_shifts(window, rate)):
+        if o != centre:
+            (ti, si), (tj, sj) = spans(dy, hp), spans(dx, wp)
+            plan.append((o, ti, tj, si, sj))
+    if not torch.compiler.is_compiling() and len(_PLANS) < 1024:
+        _PLANS[key] = tuple(plan)
+    return tuple(plan)
 
 
 def _window_dot(x: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """out[i, o] = x_i . y_(i + shift_o), 0 off the grid. x, y: (B, H, Np, C) -> (B, H, Np, w*w)."""
     (hp, wp), window, groups = geometry
     B, H, Np, C = x.shape
+    centre = (window * window) // 2
     out = x.new_zeros(B, H, hp, wp, window * window)  # (B, H, Hp, Wp, w*w)
     xg, yg = x.view(B, H, hp, wp, C), y.view(B, H, hp, wp, C)
     for h0, h1, rate in groups:
-        for o, (dy, dx) in enumerate(_shifts(window, rate)):
-            (ti, si), (tj, sj) = _spans(dy, hp), _spans(dx, wp)
-            out[:, h0:h1, ti, tj, o] = torch.linalg.vecdot(xg[:, h0:h1, ti, tj], yg[:, h0:h1, si, sj])
+        xh, yh, oh = xg[:, h0:h1], yg[:, h0:h1], out[:, h0:h1]  # (B, h, Hp, Wp, C), ..., (B, h, Hp, Wp, w*w)
+        oh[..., centre] = torch.linalg.vecdot(xh, yh)
+        for o, ti, tj, si, sj in _plan(window, rate, hp, wp):
+            oh[:, :, ti, tj, o] = torch.linalg.vecdot(xh[:, :, ti, tj], yh[:, :, si, sj])
     return out.view(B, H, Np, window * window)
 
 
@@ -260,15 +281,14 @@ def _window_sum(w: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.T
     """out_i = sum_o w[i, o] y_(i + shift_o). w: (B, H, Np, w*w), y: (B, H, Np, C) -> (B, H, Np, C)."""
     (hp, wp), window, groups = geometry
     B, H, Np, C = y.shape
+    centre = (window * window) // 2  # the zero shift covers the whole grid: it initialises `out`
     out = y.new_empty(B, H, hp, wp, C)  # (B, H, Hp, Wp, C)
     wg, yg = w.view(B, H, hp, wp, window * window), y.view(B, H, hp, wp, C)
-    centre = (window * window) // 2  # the zero shift: covers the whole grid, so it initialises `out`
     for h0, h1, rate in groups:
-        torch.mul(wg[:, h0:h1, :, :, centre : centre + 1], yg[:, h0:h1], out=out[:, h0:h1])
-        for o, (dy, dx) in enumerate(_shifts(window, rate)):
-            if o != centre:
-                (ti, si), (tj, sj) = _spans(dy, hp), _spans(dx, wp)
-                out[:, h0:h1, ti, tj].addcmul_(wg[:, h0:h1, ti, tj, o : o + 1], yg[:, h0:h1, si, sj])
+        wh, yh, oh = wg[:, h0:h1], yg[:, h0:h1], out[:, h0:h1]
+        torch.mul(wh[..., centre : centre + 1], yh, out=oh)
+        for o, ti, tj, si, sj in _plan(window, rate, hp, wp):
+            oh[:, :, ti, tj].addcmul_(wh[:, :, ti, tj, o : o + 1], yh[:, :, si, sj])
     return out.view(B, H, Np, C)
 
 
@@ -279,15 +299,14 @@ def _window_scatter(w: torch.Tensor, x: torch.Tensor, geometry: Geometry) -> tor
     """
     (hp, wp), window, groups = geometry
     B, H, Np, C = x.shape
+    centre = (window * window) // 2
     out = x.new_empty(B, H, hp, wp, C)  # (B, H, Hp, Wp, C)
     wg, xg = w.view(B, H, hp, wp, window * window), x.view(B, H, hp, wp, C)
-    centre = (window * window) // 2
     for h0, h1, rate in groups:
-        torch.mul(wg[:, h0:h1, :, :, centre : centre + 1], xg[:, h0:h1], out=out[:, h0:h1])
-        for o, (dy, dx) in enumerate(_shifts(window, rate)):
-            if o != centre:
-                (ti, si), (tj, sj) = _spans(dy, hp), _spans(dx, wp)  # i reads i + shift: j = i + shift gets i
-                out[:, h0:h1, si, sj].addcmul_(wg[:, h0:h1, ti, tj, o : o + 1], xg[:, h0:h1, ti, tj])
+        wh, xh, oh = wg[:, h0:h1], xg[:, h0:h1], out[:, h0:h1]
+        torch.mul(wh[..., centre : centre + 1], xh, out=oh)
+        for o, ti, tj, si, sj in _plan(window, rate, hp, wp):  # target i read source i + shift: add back
+            oh[:, :, si, sj].addcmul_(wh[:, :, ti, tj, o : o + 1], xh[:, :, ti, tj])
     return out.view(B, H, Np, C)
 
 
