@@ -9,9 +9,10 @@ every variant, forward + backward runs on a random batch at two scopes (``--scop
 - ``core``: the attention alone, from q, k, v: [B, H, N, D] already projected (contiguous), backward
   through q, k and v. Ours: the variant's `attend`. References: performer-pytorch's own
   `FastAttention`; linformer's `LinformerSelfAttention` and nystrom-attention's `NystromAttention` with
-  their input and output projections replaced by identities (linformer: its to_q / to_k / to_v pick
-  q, k, v out of one [B, N, 3 H D] input; nystrom: its to_qkv passes that input through), so their own
-  code path runs on the same q, k, v, including their own head split and merge.
+  their input and output projections replaced by identities (linformer: its to_q / to_k / to_v return
+  q, k, v as [B, N, H D]; nystrom: its to_qkv passes [q, k, v] as one [B, N, 3 H D] input through,
+  which it first pads to a multiple of the landmarks), so their own code path runs on the same q, k,
+  v, including their own head split and merge.
 
 Repeats are interleaved across variants (variant A, B, C, A, B, C, ...) so that drift in machine load
 hits all of them alike; the median is reported, and every variant is also given as a ratio to
@@ -128,7 +129,8 @@ def _reference_case(name: str, args: argparse.Namespace, tokens: int) -> Case:
         from performer_pytorch import SelfAttention
 
         build = lambda: SelfAttention(  # noqa: E731
-            dim=args.dim, heads=args.heads, dim_head=head_dim, nb_features=hp["features"], causal=False
+            dim=args.dim, heads=args.heads, dim_head=head_dim, nb_features=hp["features"], causal=False,
+            qkv_bias=True,  # as ours (ViT); linformer's and nystrom-attention's q, k, v have no bias option
         )
     elif name == "ref_nystrom":
         from nystrom_attention import NystromAttention
@@ -142,15 +144,15 @@ def _reference_case(name: str, args: argparse.Namespace, tokens: int) -> Case:
     return Case(name, build, None, hp, reference_of=ours)
 
 
-class _Columns(torch.nn.Module):
-    """``x[..., start:stop]``: stands in for a reference's input projection in the core scope."""
+class _Given(torch.nn.Module):
+    """Stands in for a reference's input projection in the core scope: returns the given tensor."""
 
-    def __init__(self, start: int, stop: int) -> None:
+    def __init__(self, tensor: torch.Tensor) -> None:
         super().__init__()
-        self.start, self.stop = start, stop
+        self.tensor = tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[..., self.start : self.stop]
+        return self.tensor
 
 
 def _runner(case: Case, module: torch.nn.Module, scope: str, x: torch.Tensor, qkv: List[torch.Tensor]) -> Runner:
@@ -162,16 +164,18 @@ def _runner(case: Case, module: torch.nn.Module, scope: str, x: torch.Tensor, qk
         return Runner(module, module.attend, [q, k, v])
     if case.name == "ref_performer":
         return Runner(module, module.fast_attention, [q, k, v])  # performer-pytorch's own core
-    # linformer / nystrom: no separable core; their module with the projections replaced, fed one
-    # [B, N, 3 H D] tensor holding the same q, k, v (their own split into heads, attention, merge).
+    # linformer / nystrom: no separable core; their module with the projections replaced (their own
+    # split into heads, attention and merge run), fed the same q, k, v as [B, N, H D] tensors.
     B, H, N, D = q.shape
-    packed = torch.cat([t.detach().transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v)], dim=-1)
-    packed.requires_grad_(True)
-    if case.name == "ref_linformer":
-        module.to_q, module.to_k, module.to_v = (_Columns(i * H * D, (i + 1) * H * D) for i in range(3))
-    else:
-        module.to_qkv = torch.nn.Identity()
+    flat = [t.detach().transpose(1, 2).reshape(B, N, H * D).requires_grad_(True) for t in (q, k, v)]
     module.to_out = torch.nn.Identity()
+    if case.name == "ref_linformer":  # to_q, to_k, to_v (all of x) return q, k, v
+        module.to_q, module.to_k, module.to_v = (_Given(t) for t in flat)
+        x_shape = torch.empty(B, N, H * D, device=q.device)  # only its shape is read
+        return Runner(module, lambda *_: module(x_shape), flat)
+    # nystrom: to_qkv passes [q, k, v] through; it pads that input to a multiple of the landmarks
+    packed = torch.cat([t.detach() for t in flat], dim=-1).requires_grad_(True)  # (B, N, 3 H D)
+    module.to_qkv = torch.nn.Identity()
     return Runner(module, module, [packed])
 
 
