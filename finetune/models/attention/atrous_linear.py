@@ -134,21 +134,45 @@ must be at least ``len(dilation)``.
 Shapes (P prefix tokens, Np = Hp * Wp patches, w = window, m = features):
     q, k, v                  (B, H, N, D)       split into prefix (B, H, P, D) and patches (B, H, Np, D)
     prefix queries           (B, H, P, D)       exact softmax over all N keys
-    window sums of [k, v]    (B, H, Np, 2D)     -> mean tail key, tail value sum, mean window key
-    e(q), e(k)               (B, H, Np, m)      kernel parts of the features (no eps)
-    context e(K)^T [V,1] / m (B, H, m, D+1)
     exact window logits      (B, H, Np, w*w),  prefix logits (B, H, Np, P)
+    mean tail/window logits  (B, H, Np, 1)      minus / plus the sum of the window logits over the tail /
+                                                window size (the centred patch keys sum to zero, so the
+                                                tail's key sum is minus the window's)
+    e(q), e(k) / m           (B, H, Np, m)      kernel parts of the features (no eps)
+    e(K)^T V, e(K)^T 1       (B, H, m, D), (B, H, m)
     window kernel estimates  (B, H, Np, w*w)   e(q_i) . e(k_j) / m for j in the window
     tail weights g           (B, H, Np, 1)
     locality z, gap, r       (B, H, Np, 1)      per query; z and the shape errors averaged to pi (B, H, 1, 1)
     output weights           (B, H, Np, 1) x3   (1 - pi) / den_checked, pi / den_sampled, their exact-term sum
 The window products never gather windows: a dilated window is w*w fixed shifts of the grid, so each
-product is w*w elementwise products of the (Hp, Wp) grid with a shifted, zero-padded copy of itself
-(`window_dot`, `window_sum`, with a hand-written backward that saves only their inputs).
+product is w*w elementwise products of the (Hp, Wp) grid with a shifted view of itself, each on the
+region where the shift stays on the grid (`window_dot`, `window_sum`, `_window_scatter` for their
+adjoint; a hand-written backward that saves only their inputs). The flat tails' values (all patches'
+value sum minus the window's) ride on the output's window sum: its weights are the exact-term weights
+minus the random-feature weights minus the flat weight, plus the flat weight times the value sum.
 
-Cost per head: O(N (w^2 + m) D + N w^2 m + N P D) time (the checks and the switch add O(N w^2) and
-the window sums of k and v O(N w^2 D)); memory O(N (D + m + w^2)), no (N, w^2, D) tensor is ever
-formed. The two estimates share every product: the output is one window sum of combined weights.
+Training memory: `atrous_linear_attention` runs the core as one autograd Function (`_Recompute`) that
+saves q, k, v (views of the layer's qkv output, which SDPA keeps too), the gate, and O(N) statistics:
+per query the held-fixed c_q, g, shift, log_gap - shift and the two window products (4 + 2 w^2
+floats), per head pi and c_k. Backward reruns the forward graph from them (without the checks and the
+window products' forward) and differentiates it: gradients are those of the plain graph (the same
+function, `_hybrid`; tests/test_atrous_paths.py). Inference (no grad) and torch.compile (which plans
+its own memory) run `_hybrid` directly.
+
+Cost per head: O(N (w^2 + m) D + N w^2 m + N P D) time (the checks and the switch add O(N w^2));
+saved for backward O(N w^2) (plus q, k, v); transient memory O(N (D + m + w^2)), no (N, w^2, D)
+tensor is ever formed. The two estimates share every product: the output is one window sum of
+combined weights. Training pays the forward twice (the recomputation), backward about twice more.
+
+Speed (CPU, one thread, one ViT-S layer with qkv and output projections, batch 2, forward + backward;
+`python -m benchmarks.attention --batch 2 --repeats 7 --threads 1 --tokens 197 577 3137 --variants
+softmax atrous_linear --no-reference`): about 0.4x SDPA at N = 197, 0.6x at 577, 1.8x at 3137, and
+autograd keeps ~1.1x SDPA's bytes at 3137 (it kept 4.7x before the recomputation). Where the time
+goes: the four feature GEMMs, ~30 elementwise maps over (Np, m) / (Np, D) tensors and the window
+products (per product 3 groups x 9 shifts), each twice in training plus their backward. Tried and
+dropped: the dense path for small grids (full q k^T and e(q) e(K)^T, gathered / scattered at the
+windows) was 1.4-2x slower than the shifts at N = 197 (CPU gather/scatter backward); gathering the
+windows (index_select, unfold, as_strided + matmul) was no faster at 197-577 and 3-5x slower at 3137.
 
 fusion='gate' (for comparison, ACC-ViT-style gating between the atrous and the global branch): the
 tail terms (all three estimators) are scaled by a learned, input-dependent ``g_i = 2 sigmoid(q_i . a_h +
@@ -223,9 +247,9 @@ def neighbour_index(
 # ---------------------------------------------------------------------------------------------------
 # Window products without materialising windows. A dilated window is a fixed set of grid shifts, so
 # "q_i . k_j for every j in i's window" is, for each of the w*w shifts, one elementwise product of the
-# grid with a shifted (zero-padded) copy of itself. Gathering the windows instead would write and
-# re-read (Np, w*w, C) tensors and their gradients; the shift loops below touch only (Np, C) tensors
-# and save nothing but their inputs for backward.
+# grid with a shifted view of itself, restricted to where the shift stays on the grid (the rest is 0:
+# no padded copies). Gathering the windows instead would write and re-read (Np, w*w, C) tensors and
+# their gradients; the shift loops below touch only (Np, C) tensors and save nothing but their inputs.
 # Geometry: (grid_size, window, ((h0, h1, rate), ...)) -- one entry per head group.
 
 Geometry = Tuple[Tuple[int, int], int, Tuple[Tuple[int, int, int], ...]]
