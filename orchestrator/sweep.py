@@ -246,7 +246,7 @@ def build_tuner(resolved: ResolvedSweep, storage: Storage, name: str, trainable:
         scheduler=resolved.make_scheduler(),
         num_samples=spec.num_samples,
         max_concurrent_trials=spec.max_concurrent,
-        reuse_actors=spec.reuse_actors,
+        reuse_actors=spec.actor_reuse,  # the rule: SweepSpec.actor_reuse
         trial_dirname_creator=trial_dirname,
     )
     run_config = tune.RunConfig(

@@ -30,8 +30,8 @@ here through `SweepSpec.from_dict`, so they share one schema and one validator:
     max_concurrent: null           # at most this many trials at once (null: as resources allow)
     max_failures: 2                # retries of a failed trial, from its last checkpoint
     num_to_keep: 2                 # checkpoints kept per trial (best by val/acc1)
-    reuse_actors: false            # true: trials share worker processes (no per-trial import cost; CPU
-                                   # sweeps of short trials); false frees all GPU memory between trials
+    reuse_actors: null             # null (default): true for CPU-only trials (gpu: 0), false for GPU
+                                   # trials; see SweepSpec.actor_reuse
 
 `search_spaces.load_sweep` parses a preset or file once (CLI overrides merged first), validates it once
 and returns a `ResolvedSweep`.
@@ -196,7 +196,7 @@ class SweepSpec:
     max_concurrent: Optional[int] = None
     max_failures: int = 0
     num_to_keep: int = 2
-    reuse_actors: bool = False
+    reuse_actors: Optional[bool] = None
     source: str = ""
 
     @classmethod
@@ -265,8 +265,8 @@ class SweepSpec:
             isinstance(self.max_concurrent, bool) or not isinstance(self.max_concurrent, int) or self.max_concurrent < 1
         ):
             raise ConfigError(f"max_concurrent={self.max_concurrent!r} must be a positive integer (or null)")
-        if not isinstance(self.reuse_actors, bool):
-            raise ConfigError(f"reuse_actors={self.reuse_actors!r} must be true or false")
+        if self.reuse_actors is not None and not isinstance(self.reuse_actors, bool):
+            raise ConfigError(f"reuse_actors={self.reuse_actors!r} must be true, false or null (automatic)")
         if not isinstance(self.metric, str) or not self.metric:
             raise ConfigError(f"metric={self.metric!r} must be a metric name such as 'val/acc1'")
         check_name(self.name, "name")
@@ -297,6 +297,28 @@ class SweepSpec:
                 raise ConfigError(
                     f"searcher=optuna treats grid domains {grids} as categorical: set num_samples > 1"
                 )
+
+    @property
+    def actor_reuse(self) -> bool:
+        """Whether trials share Ray worker processes (Tune's ``reuse_actors``).
+
+        Every trial of a sweep asks for the same resources (``resources`` is per sweep), so a finished
+        trial's process fits the next one. The rule:
+
+        - ``reuse_actors: true`` / ``false``: as given.
+        - ``reuse_actors: null`` (the default): true when the trials use no GPU (``resources.gpu: 0``),
+          false otherwise. A CPU trial then skips the new process and its imports of torch, timm and
+          torchvision (about 7 s each on a 2-core VM; BENCHMARKS.md, sweep overhead). A GPU trial keeps a
+          fresh process, because only the end of the process returns all of its GPU memory (the CUDA
+          context, the caching allocator, anything a variant leaked) to the next trial; set
+          ``reuse_actors: true`` to trade that for the start-up time.
+
+        A reused process runs trials one after another, never two at once; each trial still writes its
+        own run outputs and checkpoints (`trainables.finetune_trainable`).
+        """
+        if self.reuse_actors is None:
+            return not self.resources.get("gpu")
+        return bool(self.reuse_actors)
 
     def domains(self) -> List[Domain]:
         return list(self.search.values()) + [d for b in self.variants for d in b.search.values()]

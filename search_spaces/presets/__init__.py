@@ -20,8 +20,9 @@ PRESET_DIR = Path(__file__).parent
 
 def smoke() -> dict:
     """Offline, CPU, minutes: every variant once on a small synthetic task (vit_tiny cut to 6 blocks,
-    32 px, 8x8 grid). CPU-only, so trials share worker processes (reuse_actors): no GPU memory to free,
-    and it saves each trial the ~15 s of process start and imports (see BENCHMARKS.md, sweep)."""
+    32 px, 8x8 grid). CPU-only, so its trials share worker processes (`SweepSpec.actor_reuse`, the
+    default for ``resources.gpu: 0``): no GPU memory to free, and each trial after a process's first skips
+    the process start and the imports of torch and timm (see BENCHMARKS.md, sweep overhead)."""
     return {
         "name": "smoke",
         "fixed": {
@@ -42,7 +43,6 @@ def smoke() -> dict:
         "searcher": "grid",
         "resources": {"cpu": 1, "gpu": 0},
         "max_failures": 1,
-        "reuse_actors": True,
     }
 
 
