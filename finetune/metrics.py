@@ -114,11 +114,21 @@ def count_macs_fvcore(model: torch.nn.Module, img_size: Sequence[int]) -> Option
     return int(total) + uncounted_attention_flops(model) // 2
 
 
-def cost_metrics(model: torch.nn.Module, img_size: Sequence[int]) -> Dict[str, Optional[float]]:
-    """``cost/params``, ``cost/gflops`` (torch counter) and ``cost/gmacs`` (fvcore, if installed)."""
+def cost_metrics(model: torch.nn.Module, img_size: Sequence[int], *, cache: bool = False) -> Dict[str, Optional[float]]:
+    """``cost/params``, ``cost/gflops`` (torch counter) and ``cost/gmacs`` (fvcore, if installed).
+
+    With `cache`, the two counts (a traced forward pass each, 0.3-0.5 s for a small ViT on a CPU, plus
+    fvcore's import in a fresh process) are looked up by the model's architecture first
+    (`architecture_key`): in this process, then on disk (`cost_cache_dir`), so a sweep counts each
+    architecture once instead of once per trial. Parameter counts are always counted.
+    """
     params = count_parameters(model)
-    flops = count_flops(model, img_size)
-    macs = count_macs_fvcore(model, img_size)
+    counts = _cached_counts(model, img_size) if cache else None
+    if counts is None:
+        counts = {"flops": count_flops(model, img_size), "macs": count_macs_fvcore(model, img_size)}
+        if cache:
+            _store_counts(model, img_size, counts)
+    flops, macs = counts["flops"], counts["macs"]
     return {
         "cost/params": params["total"],
         "cost/trainable_params": params["trainable"],
@@ -126,6 +136,104 @@ def cost_metrics(model: torch.nn.Module, img_size: Sequence[int]) -> Dict[str, O
         "cost/gmacs": macs / 1e9 if macs is not None else flops / 2e9,
         "cost/gmacs_source": "fvcore" if macs is not None else "flop_counter/2",
     }
+
+
+# FLOP/MAC counts by architecture key: this process's, and the on-disk cache's directory.
+_COUNTS: Dict[str, Dict[str, Optional[int]]] = {}
+COST_CACHE_ENV = "VITSWEEP_COST_CACHE"  # a directory, or "off" (no on-disk cache)
+COST_CACHE_FORMAT = "vitsweep-cost-counts-v1"
+
+
+def cost_cache_dir() -> Optional[str]:
+    """``$VITSWEEP_COST_CACHE`` (``off``: none), else ``$XDG_CACHE_HOME/vitsweep/cost`` or
+    ``~/.cache/vitsweep/cost``."""
+    value = os.environ.get(COST_CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "false", "no") else os.path.expanduser(value)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vitsweep", "cost")
+
+
+def _source_stamp(cls: type) -> str:
+    """Where a module class is defined, with the file's size and mtime: an edited variant (a plug-in
+    under development) is a new architecture for the cache."""
+    import inspect
+
+    try:
+        path = inspect.getsourcefile(cls) or ""
+        st = os.stat(path)
+        return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    except (TypeError, OSError):
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def architecture_key(model: torch.nn.Module, img_size: Sequence[int]) -> str:
+    """A digest of everything the FLOP and MAC counts depend on: every submodule's class (and its
+    source file's stamp), its ``extra_repr``, an attention variant's hyperparameters and token count,
+    every parameter's and buffer's name, shape and dtype, the input size, and the torch, timm and fvcore
+    versions. Weights' values are not part of it (they do not change a count)."""
+    import hashlib
+    import importlib.metadata as md
+    import json
+
+    parts = []
+    stamps = {}
+    for name, module in model.named_modules():
+        cls = type(module)
+        if cls not in stamps:
+            stamps[cls] = _source_stamp(cls)
+        entry = [name, f"{cls.__module__}.{cls.__qualname__}", module.extra_repr()]
+        if isinstance(module, AttentionBase):
+            entry += [repr(sorted(module.hparam_values().items())), module.num_tokens, module.num_prefix_tokens]
+        parts.append(entry)
+    tensors = [(n, list(t.shape), str(t.dtype)) for n, t in (*model.named_parameters(), *model.named_buffers())]
+    versions = {}
+    for dist in ("torch", "timm", "fvcore"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    blob = json.dumps([parts, tensors, sorted(stamps.values()), list(img_size), versions, COST_CACHE_FORMAT],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _cached_counts(model: torch.nn.Module, img_size: Sequence[int]) -> Optional[Dict[str, Optional[int]]]:
+    import json
+
+    key = architecture_key(model, img_size)
+    if key in _COUNTS:
+        return dict(_COUNTS[key])
+    directory = cost_cache_dir()
+    if directory is None:
+        return None
+    try:
+        with open(os.path.join(directory, f"{key}.json")) as fh:
+            data = json.load(fh)
+        if data.get("format") != COST_CACHE_FORMAT or data.get("key") != key:
+            return None
+        flops, macs = data["flops"], data["macs"]
+        if isinstance(flops, bool) or not isinstance(flops, int) or not (macs is None or (isinstance(macs, int) and not isinstance(macs, bool))):
+            return None
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None  # absent, unreadable or corrupt: count again
+    _COUNTS[key] = {"flops": flops, "macs": macs}
+    return dict(_COUNTS[key])
+
+
+def _store_counts(model: torch.nn.Module, img_size: Sequence[int], counts: Dict[str, Optional[int]]) -> None:
+    from .io_utils import write_json
+
+    key = architecture_key(model, img_size)
+    _COUNTS[key] = dict(counts)
+    directory = cost_cache_dir()
+    if directory is None:
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        write_json(os.path.join(directory, f"{key}.json"), {"format": COST_CACHE_FORMAT, "key": key, **counts})
+    except OSError as err:  # a read-only home: the per-process cache still works
+        _logger.debug("cost cache %s not writable: %s", directory, err)
 
 
 # ----------------------------------------------------------------------------- memory
