@@ -10,6 +10,13 @@ storage (Tune's storage context: the same filesystem as the experiment). Tune's 
 uploads it with each checkpoint, but that sync is asynchronous and its final round can be lost when the
 actor is reused (seen with S3 and ``reuse_actors``).
 
+The last epoch's report (metrics and checkpoint) is sent after the run's outputs are written and
+uploaded, not before: the end-of-run work is then inside the trial's last step (Tune's
+``time_total_s``), and a trial Tune has seen finish has its outputs in storage. If that work fails, the
+trial fails and (with ``max_failures``) is retried from the previous epoch's checkpoint. A trial restored
+from its final checkpoint (the driver died between the last report and the trial's end) trains nothing,
+writes its outputs again and reports the final metrics once more, so that Tune completes it.
+
 Node identity: every checkpoint holds ``nodes.json``, the Ray nodes (id and IP) the trial has run on, in
 order; a restored trial reads it back and appends its current node, and run/result.json records the
 list (``nodes``) and the last one (``node``). A data set missing on the trial's node fails the trial
@@ -88,27 +95,71 @@ def _on_node(err: Exception, node: Dict[str, str]) -> Exception:
     return type(err)(f"{err} (on Ray node {node['node_ip']}, node id {node['node_id']})")
 
 
+FINAL_STATUSES = ("finished", "diverged")
+
+
 class TuneReportCallback(Callback):
     """After every epoch: write a training checkpoint (with the trial's nodes) to a temp dir and report
-    it with the metrics."""
+    it with the metrics.
 
-    def __init__(self, label: str, nodes: Optional[List[Dict[str, str]]] = None) -> None:
+    With ``defer_final=True`` the last epoch's report (status ``finished`` or ``diverged``) is held back
+    instead: `train_vit` sends it with `report_final` once the run's outputs are written and uploaded,
+    so that the trial's end-of-run work (weights and sidecar, result.json, TensorBoard, the upload) is
+    inside its last reported step (Tune's ``time_total_s``) rather than in the gap before the next
+    trial, and a trial Tune sees finished has its run outputs in storage already.
+    """
+
+    def __init__(self, label: str, nodes: Optional[List[Dict[str, str]]] = None, *, defer_final: bool = False) -> None:
         self.label = label
         self.nodes = list(nodes or [])
         self.reports = 0
+        self.defer_final = defer_final
+        self.pending: Optional[Dict[str, Any]] = None  # the held-back final report: metrics, checkpoint dir
 
     def on_epoch_end(self, state: TrainState, metrics: Dict[str, Any]) -> None:
         self.reports += 1
         metrics = {**reportable(metrics), "variant_label": self.label}
+        final = self.defer_final and metrics.get("status") in FINAL_STATUSES
         if metrics.get("status") == "diverged":
             # A diverged model is not worth restoring; the loop stops after this epoch.
-            tune.report(metrics)
+            if final:
+                self.pending = {"metrics": metrics, "checkpoint": None}
+            else:
+                tune.report(metrics)
+            return
+        if final:
+            directory = tempfile.mkdtemp(prefix="vitsweep-ckpt-")
+            self.pending = {"metrics": metrics, "checkpoint": directory}
+            self._write_checkpoint(state, directory)
             return
         with tempfile.TemporaryDirectory(prefix="vitsweep-ckpt-") as directory:
-            save_checkpoint(state, directory)
-            with open(os.path.join(directory, NODES_FILE), "w") as fh:
-                json.dump(self.nodes, fh)
+            self._write_checkpoint(state, directory)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    def _write_checkpoint(self, state: TrainState, directory: str) -> None:
+        save_checkpoint(state, directory)
+        with open(os.path.join(directory, NODES_FILE), "w") as fh:
+            json.dump(self.nodes, fh)
+
+    def report_final(self) -> bool:
+        """Send the held-back final report (False: none was held)."""
+        if self.pending is None:
+            return False
+        pending, self.pending = self.pending, None
+        try:
+            directory = pending["checkpoint"]
+            checkpoint = tune.Checkpoint.from_directory(directory) if directory else None
+            tune.report(pending["metrics"], checkpoint=checkpoint)
+        finally:
+            if pending["checkpoint"]:
+                shutil.rmtree(pending["checkpoint"], ignore_errors=True)
+        return True
+
+    def discard(self) -> None:
+        """Drop a held-back report whose run failed after the last epoch (its checkpoint dir too)."""
+        if self.pending is not None and self.pending["checkpoint"]:
+            shutil.rmtree(self.pending["checkpoint"], ignore_errors=True)
+        self.pending = None
 
 
 def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> None:
@@ -127,13 +178,14 @@ def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> Non
     out_dir = os.path.join(tune.get_context().get_trial_dir(), RUN_SUBDIR)
     checkpoint = tune.get_checkpoint()
     restore_dir = None
+    reporter: Optional[TuneReportCallback] = None
     try:
         if checkpoint is not None:
             restore_dir = tempfile.mkdtemp(prefix="vitsweep-restore-")
             checkpoint.to_directory(restore_dir)
         node = current_node()
         nodes = [*read_nodes(restore_dir), node]
-        reporter = TuneReportCallback(label, nodes)
+        reporter = TuneReportCallback(label, nodes, defer_final=True)
         try:
             result = run_training(
                 cfg,
@@ -147,13 +199,17 @@ def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> Non
         except (DataError, ConfigError) as err:
             # The data is read on this node: a path or hub cache missing here is this node's problem.
             raise _on_node(err, node) from err
+        # Upload run/ before the final report: once Tune has the trial's last result, its outputs are in
+        # storage (and the upload counts in the trial's own time, not in the gap before the next trial).
         persist_run_outputs(out_dir)
-        if reporter.reports == 0 and result.get("metrics"):
+        if not reporter.report_final() and reporter.reports == 0 and result.get("metrics"):
             # Restored from the final epoch's checkpoint (the driver died after the last report but
             # before the trial was marked done): nothing left to train, but Tune needs a result to
             # complete the trial, otherwise its searcher keeps the trial's slot and stalls the sweep.
             tune.report({**reportable(result["metrics"]), "variant_label": label})
     finally:
+        if reporter is not None:
+            reporter.discard()
         if restore_dir is not None:
             shutil.rmtree(restore_dir, ignore_errors=True)
         # Return cached GPU memory before the next trial (a reused actor) or before the actor goes.
