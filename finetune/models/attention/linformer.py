@@ -17,6 +17,10 @@ than summing them with unit-variance weights. ``share_kv=True`` uses one matrix 
 N must be known at construction (it fixes the parameter shapes), so the variant needs the patch grid;
 ``rank >= N`` is refused (nothing would be compressed).
 
+Implementation: E^T K and F^T V are one batched product each over (batch, head) with E^T broadcast,
+the 1/sqrt(D) scale goes on the [k, D] projected keys, and the layer hands `attend` contiguous q, k, v
+(`AttentionBase.contiguous_qkv`).
+
 Cost per head: O(N k D) time, O(N k) memory for the attention matrix.
 
 Hyperparameters:

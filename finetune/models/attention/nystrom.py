@@ -20,6 +20,10 @@ exact softmax is returned.
 Optional residual: a depthwise convolution over the sequence axis of v, kernel ``(conv_kernel, 1)``,
 one filter per head (as in the paper's code), added to the output; it is the only new parameter.
 
+Implementation: the 1/sqrt(D) scale is applied to the [m, D] landmarks, not the [N, D] queries, and
+the segment means' backward is one gather (`_SegmentMeans`); the layer hands `attend` contiguous q, k,
+v (`AttentionBase.contiguous_qkv`).
+
 Cost per head: O(N m D + m^3 * pinv_iterations) time, O(N m + m^2) memory. `attn_drop` is not
 applied (as in the paper's code, the three kernels are not dropped out).
 

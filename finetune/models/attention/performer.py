@@ -18,7 +18,11 @@ Every exponent is <= 0. The maxima alone would cancel in the ratio; with eps add
 not quite: eps gives every key a small uniform weight, a shrinkage towards plain averaging that keeps
 denominators positive and, on inputs where FAVOR+'s variance is large (large |q|, |k|), lowers the
 error a lot (on iid N(0, 1) q, k with D = 64, from ~2.8 to ~0.9 relative error at m = 64).
-Features and both products are computed in fp32 (also under autocast).
+Features and both products are computed in fp32 (also under autocast). The softmax kernel runs as
+one fused function with a hand-written backward (`_favor_softmax_forward`, `_FavorSoftmax`): the same
+maths with the data scale on the projection, the m^(-1/2) factor (which cancels) dropped and eps added
+as rank-one terms, so only the two exponential maps are stored; `favor_features` and
+`linear_attention` remain the reference composition (and the relu kernel's path).
 ``kernel='relu'`` uses ``phi(x) = relu(W x') + eps`` instead (the generalised-kernel Performer).
 
 Cost per head: O(N m D) time, O(N m + m D) memory (versus O(N^2 D) and O(N^2) for softmax).
