@@ -81,3 +81,14 @@ def test_inference_builds_no_graph():
         out = atrous_linear_attention(q, k, v, W, (5, 6), 1, (1, 2, 3), 3)
     assert out.grad_fn is None
     torch.testing.assert_close(out, atrous_linear_attention(q, k, v, W, (5, 6), 1, (1, 2, 3), 3).detach())
+
+
+def test_training_after_inference_mode_on_the_same_geometry():
+    """The window layout is cached per geometry: one built under inference_mode must not poison training."""
+    W = orthogonal_random_features(16, 16, torch.Generator().manual_seed(1))
+    _, q, k, v, far = _inputs((5, 7), 1, 3, gate=True)
+    with torch.inference_mode():
+        atrous_linear_attention(q, k, v, W, (5, 7), 1, (1, 2, 3), 3)
+    out = atrous_linear_attention(q, k, v, W, (5, 7), 1, (1, 2, 3), 3, far_weight=far)
+    out.sum().backward()
+    assert torch.isfinite(far.grad).all()

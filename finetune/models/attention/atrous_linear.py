@@ -461,18 +461,20 @@ def _layout(grid_size: Tuple[int, int], window: int, dilation: Tuple[int, ...], 
     hp, wp = grid_size
     Np = hp * wp
     groups, valid, has_tail = [], [], []
-    for (h0, h1), rate in zip(head_groups(H, len(dilation)), dilation):
-        groups.append((h0, h1, rate))
-        idx = neighbour_index(grid_size, window, rate, device=device)  # (Np, w*w)
-        valid.append((idx < Np).expand(h1 - h0, Np, window * window))  # (h, Np, w*w)
-        # A window reaching every patch from every patch leaves no tail: drop it exactly rather than
-        # as "global sum minus window", which would leave fp32 cancellation noise.
-        reach = (window // 2) * rate
-        has_tail += [float(reach < max(hp, wp) - 1 or rate > 1)] * (h1 - h0)
+    # Cached tensors are reused by later calls, also under autograd: never make them inference tensors.
+    with torch.inference_mode(False), torch.no_grad():
+        for (h0, h1), rate in zip(head_groups(H, len(dilation)), dilation):
+            groups.append((h0, h1, rate))
+            idx = neighbour_index(grid_size, window, rate, device=device)  # (Np, w*w)
+            valid.append((idx < Np).expand(h1 - h0, Np, window * window))  # (h, Np, w*w)
+            # A window reaching every patch from every patch leaves no tail: drop it exactly rather than
+            # as "global sum minus window", which would leave fp32 cancellation noise.
+            reach = (window // 2) * rate
+            has_tail += [float(reach < max(hp, wp) - 1 or rate > 1)] * (h1 - h0)
+        valid = torch.cat(valid, dim=0)  # (H, Np, w*w)
+        n_tail = Np - valid.sum(dim=-1, keepdim=True).float()  # (H, Np, 1): patches outside each window
+        tail_on = torch.tensor(has_tail, device=device).view(1, H, 1, 1) * (n_tail > 0).float()  # (1, H, Np, 1)
     geometry: Geometry = ((hp, wp), window, tuple(groups))
-    valid = torch.cat(valid, dim=0)  # (H, Np, w*w)
-    n_tail = Np - valid.sum(dim=-1, keepdim=True).float()  # (H, Np, 1): patches outside each window
-    tail_on = torch.tensor(has_tail, device=device).view(1, H, 1, 1) * (n_tail > 0).float()  # (1, H, Np, 1)
     layout = (geometry, valid, n_tail, tail_on)
     if not torch.compiler.is_compiling():
         if len(_LAYOUTS) > 64:
