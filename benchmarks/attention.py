@@ -27,7 +27,9 @@ process's RSS history.
 
 Side-by-side with the reference PyPI implementations (`linformer`, `performer-pytorch`,
 `nystrom-attention`, at the same width, heads and hyperparameters; ``--no-reference`` skips them) when
-they are importable; they are never imported by product code.
+they are importable; they are never imported by product code. Our layers have ViT's qkv bias (and
+performer-pytorch is given one too); linformer's and nystrom-attention's q, k, v projections have no
+bias, so ``--no-qkv-bias`` is the like-for-like layer comparison with those two.
 
 Example (one thread, as BENCHMARKS.md measures)::
 
@@ -109,7 +111,7 @@ def _our_case(variant: str, args: argparse.Namespace, tokens: int) -> Case:
     head_dim = args.dim // args.heads
     return Case(
         variant,
-        lambda: layer(args.dim, num_heads=args.heads, qkv_bias=True),
+        lambda: layer(args.dim, num_heads=args.heads, qkv_bias=args.qkv_bias),
         attention_flops(variant, tokens, head_dim, args.heads, **hp),
         get_attention_class(variant).resolve_hparams(hp),
     )
@@ -130,7 +132,7 @@ def _reference_case(name: str, args: argparse.Namespace, tokens: int) -> Case:
 
         build = lambda: SelfAttention(  # noqa: E731
             dim=args.dim, heads=args.heads, dim_head=head_dim, nb_features=hp["features"], causal=False,
-            qkv_bias=True,  # as ours (ViT); linformer's and nystrom-attention's q, k, v have no bias option
+            qkv_bias=args.qkv_bias,  # as ours; linformer's and nystrom-attention's q, k, v have no bias at all
         )
     elif name == "ref_nystrom":
         from nystrom_attention import NystromAttention
@@ -323,6 +325,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dim", type=int, default=384, help="embedding width (ViT-S: 384)")
     p.add_argument("--heads", type=int, default=6, help="heads (ViT-S: 6, head width 64)")
+    p.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="bias in our qkv projection (ViT's, the default) and in performer-pytorch's; the linformer "
+                        "and nystrom-attention references have none: --no-qkv-bias compares their layers bias-free")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--repeats", type=int, default=5, help="timed, interleaved repeats (median reported)")

@@ -80,3 +80,8 @@ def test_attention_benchmark_core_scope_alone(tmp_path):
 def test_attention_benchmark_default_tokens_cover_the_goal():
     assert parse_args([]).tokens == [197, 577, 3137]
     assert parse_args([]).scope == "both"
+
+
+def test_attention_benchmark_qkv_bias_flag():
+    assert parse_args([]).qkv_bias is True
+    assert parse_args(["--no-qkv-bias"]).qkv_bias is False
