@@ -166,13 +166,18 @@ combined weights. Training pays the forward twice (the recomputation), backward 
 
 Speed (CPU, one thread, one ViT-S layer with qkv and output projections, batch 2, forward + backward;
 `python -m benchmarks.attention --batch 2 --repeats 7 --threads 1 --tokens 197 577 3137 --variants
-softmax atrous_linear --no-reference`): about 0.4x SDPA at N = 197, 0.6x at 577, 1.8x at 3137, and
-autograd keeps ~1.1x SDPA's bytes at 3137 (it kept 4.7x before the recomputation). Where the time
-goes: the four feature GEMMs, ~30 elementwise maps over (Np, m) / (Np, D) tensors and the window
-products (per product 3 groups x 9 shifts), each twice in training plus their backward. Tried and
-dropped: the dense path for small grids (full q k^T and e(q) e(K)^T, gathered / scattered at the
-windows) was 1.4-2x slower than the shifts at N = 197 (CPU gather/scatter backward); gathering the
-windows (index_select, unfold, as_strided + matmul) was no faster at 197-577 and 3-5x slower at 3137.
+softmax atrous_linear --no-reference`, three runs on a shared 2-core machine): 0.36-0.47x SDPA at
+N = 197, 0.53-0.66x at 577, 1.66-1.76x at 3137; autograd keeps 1.08x SDPA's bytes at every N (40 vs
+37 MB at 3137; 4.7x, 174 MB, before the recomputation). The core alone, interleaved against the
+pre-recomputation version: ~0.85x its time at 197, ~0.7x at 577, ~1.0x at 3137, recomputation
+included. Where the
+time goes: the four feature GEMMs, ~30 elementwise maps over (Np, m) / (Np, D) tensors and the window
+products (per product 3 groups x 8 shifts + the centre), the forward twice in training plus the
+backward. Tried and dropped: the dense path for small grids (full q k^T and e(q) e(K)^T gathered /
+scattered at the windows) was 1.4-2x slower than the shifts at N = 197 (CPU gather / scatter
+backward); gathering the windows (index_select, unfold, as_strided + matmul) or channels-first
+shifts were no faster at 197-577 and 2-5x slower at 3137; split prefix / patch leaves in the
+recomputation (to avoid zero-filled slice gradients) gained nothing measurable.
 
 fusion='gate' (for comparison, ACC-ViT-style gating between the atrous and the global branch): the
 tail terms (all three estimators) are scaled by a learned, input-dependent ``g_i = 2 sigmoid(q_i . a_h +
