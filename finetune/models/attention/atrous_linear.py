@@ -204,11 +204,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .base import AttentionBase, AttentionConfigError, fp32_core_bytes
+from .base import AttentionBase, AttentionConfigError
 from .hparams import HParam
-from .performer import orthogonal_random_features, softmax_feature_parts
+from .performer import orthogonal_random_features
 from .registry import register_attention
-from .softmax import softmax_attention
 
 FUSIONS = ("sum", "gate")
 # The switch between the checked and the sampled estimate (module docstring): a head is local when its
