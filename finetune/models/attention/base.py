@@ -54,7 +54,7 @@ class _SplitHeads(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, heads: int, head_dim: int):
         B, N, _ = y.shape
         ctx.shape = (B, N, 3, heads, head_dim)
-        parts = y.view(ctx.shape).unbind(2)  # 3 x (B, N, H, D), strided views
+        parts = y.reshape(ctx.shape).unbind(2)  # 3 x (B, N, H, D), strided views
         return tuple(t.transpose(1, 2).contiguous() for t in parts)  # 3 x (B, H, N, D), contiguous
 
     @staticmethod
