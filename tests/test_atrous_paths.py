@@ -92,3 +92,24 @@ def test_training_after_inference_mode_on_the_same_geometry():
     out = atrous_linear_attention(q, k, v, W, (5, 7), 1, (1, 2, 3), 3, far_weight=far)
     out.sum().backward()
     assert torch.isfinite(far.grad).all()
+
+
+def test_window_kernels_respect_storage_offsets():
+    """The shift kernels view their inputs with as_strided: inputs that start inside a larger storage
+    (contiguous slices) must give what fresh copies give, in values and gradients."""
+    from finetune.models.attention.atrous_linear import window_dot, window_sum
+
+    geometry = ((4, 5), 3, ((0, 1, 1), (1, 3, 2)))
+    base = torch.randn(3, 2, 3, 20, 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 2, 3, 20, 9, dtype=torch.float64, requires_grad=True)
+    x, y, w = base[1], base[2], weights[1]  # contiguous views at nonzero storage offsets
+    assert x.storage_offset() and y.storage_offset() and w.storage_offset()
+    fx, fy, fw = (t.detach().clone().requires_grad_(True) for t in (x, y, w))
+    got = window_dot(x, y, geometry).sum() + window_sum(w, y, geometry).square().sum()
+    want = window_dot(fx, fy, geometry).sum() + window_sum(fw, fy, geometry).square().sum()
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(base.grad[1], fx.grad)
+    torch.testing.assert_close(base.grad[2], fy.grad)
+    torch.testing.assert_close(weights.grad[1], fw.grad)

@@ -290,6 +290,20 @@ def _plan(window: int, rate: int, hp: int, wp: int) -> Tuple[Tuple[int, slice, s
     return tuple(plan)
 
 
+def _sub(t: torch.Tensor, h0: int, h1: int, rows: slice, cols: slice, slot: Optional[int] = None) -> torch.Tensor:
+    """t[:, h0:h1, rows, cols] (slot given: [..., slot:slot+1], or [..., slot] with slot=~o) of a
+    (B, H, Hp, Wp, C) grid as one as_strided view (a chain of slices costs several dispatches per shift)."""
+    B, _, _, _, C = t.shape
+    sB, sH, sR, sC, sL = t.stride()
+    size = (B, h1 - h0, rows.stop - rows.start, cols.stop - cols.start)
+    offset = t.storage_offset() + h0 * sH + rows.start * sR + cols.start * sC
+    if slot is None:
+        return t.as_strided(size + (C,), (sB, sH, sR, sC, sL), offset)
+    if slot < 0:  # the slot dimension dropped
+        return t.as_strided(size, (sB, sH, sR, sC), offset + ~slot * sL)
+    return t.as_strided(size + (1,), (sB, sH, sR, sC, sL), offset + slot * sL)
+
+
 def _window_dot(x: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """out[i, o] = x_i . y_(i + shift_o), 0 off the grid. x, y: (B, H, Np, C) -> (B, H, Np, w*w)."""
     (hp, wp), window, groups = geometry
@@ -297,11 +311,12 @@ def _window_dot(x: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.T
     centre = (window * window) // 2
     out = x.new_zeros(B, H, hp, wp, window * window)  # (B, H, Hp, Wp, w*w)
     xg, yg = x.view(B, H, hp, wp, C), y.view(B, H, hp, wp, C)
+    full_r, full_c = slice(0, hp), slice(0, wp)
     for h0, h1, rate in groups:
-        xh, yh, oh = xg[:, h0:h1], yg[:, h0:h1], out[:, h0:h1]  # (B, h, Hp, Wp, C), ..., (B, h, Hp, Wp, w*w)
-        oh[..., centre] = torch.linalg.vecdot(xh, yh)
+        torch.linalg.vecdot(_sub(xg, h0, h1, full_r, full_c), _sub(yg, h0, h1, full_r, full_c),
+                            out=_sub(out, h0, h1, full_r, full_c, ~centre))
         for o, ti, tj, si, sj in _plan(window, rate, hp, wp):
-            oh[:, :, ti, tj, o] = torch.linalg.vecdot(xh[:, :, ti, tj], yh[:, :, si, sj])
+            torch.linalg.vecdot(_sub(xg, h0, h1, ti, tj), _sub(yg, h0, h1, si, sj), out=_sub(out, h0, h1, ti, tj, ~o))
     return out.view(B, H, Np, window * window)
 
 
@@ -312,11 +327,12 @@ def _window_sum(w: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.T
     centre = (window * window) // 2  # the zero shift covers the whole grid: it initialises `out`
     out = y.new_empty(B, H, hp, wp, C)  # (B, H, Hp, Wp, C)
     wg, yg = w.view(B, H, hp, wp, window * window), y.view(B, H, hp, wp, C)
+    full_r, full_c = slice(0, hp), slice(0, wp)
     for h0, h1, rate in groups:
-        wh, yh, oh = wg[:, h0:h1], yg[:, h0:h1], out[:, h0:h1]
-        torch.mul(wh[..., centre : centre + 1], yh, out=oh)
+        torch.mul(_sub(wg, h0, h1, full_r, full_c, centre), _sub(yg, h0, h1, full_r, full_c),
+                  out=_sub(out, h0, h1, full_r, full_c))
         for o, ti, tj, si, sj in _plan(window, rate, hp, wp):
-            oh[:, :, ti, tj].addcmul_(wh[:, :, ti, tj, o : o + 1], yh[:, :, si, sj])
+            _sub(out, h0, h1, ti, tj).addcmul_(_sub(wg, h0, h1, ti, tj, o), _sub(yg, h0, h1, si, sj))
     return out.view(B, H, Np, C)
 
 
@@ -330,11 +346,12 @@ def _window_scatter(w: torch.Tensor, x: torch.Tensor, geometry: Geometry) -> tor
     centre = (window * window) // 2
     out = x.new_empty(B, H, hp, wp, C)  # (B, H, Hp, Wp, C)
     wg, xg = w.view(B, H, hp, wp, window * window), x.view(B, H, hp, wp, C)
+    full_r, full_c = slice(0, hp), slice(0, wp)
     for h0, h1, rate in groups:
-        wh, xh, oh = wg[:, h0:h1], xg[:, h0:h1], out[:, h0:h1]
-        torch.mul(wh[..., centre : centre + 1], xh, out=oh)
+        torch.mul(_sub(wg, h0, h1, full_r, full_c, centre), _sub(xg, h0, h1, full_r, full_c),
+                  out=_sub(out, h0, h1, full_r, full_c))
         for o, ti, tj, si, sj in _plan(window, rate, hp, wp):  # target i read source i + shift: add back
-            oh[:, :, si, sj].addcmul_(wh[:, :, ti, tj, o : o + 1], xh[:, :, ti, tj])
+            _sub(out, h0, h1, si, sj).addcmul_(_sub(wg, h0, h1, ti, tj, o), _sub(xg, h0, h1, ti, tj))
     return out.view(B, H, Np, C)
 
 
