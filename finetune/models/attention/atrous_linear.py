@@ -166,14 +166,13 @@ combined weights. Training pays the forward twice (the recomputation), backward 
 
 Speed (CPU, one thread, one ViT-S layer with qkv and output projections, batch 2, forward + backward;
 `python -m benchmarks.attention --batch 2 --repeats 7 --threads 1 --tokens 197 577 3137 --variants
-softmax atrous_linear --no-reference`, three runs on a shared 2-core machine): 0.36-0.47x SDPA at
-N = 197, 0.53-0.66x at 577, 1.66-1.76x at 3137; autograd keeps 1.08x SDPA's bytes at every N (40 vs
+softmax atrous_linear --no-reference`, five runs on a shared 2-core machine): 0.34-0.47x SDPA at
+N = 197, 0.43-0.66x at 577, 1.44-1.76x at 3137; autograd keeps 1.08x SDPA's bytes at every N (40 vs
 37 MB at 3137; 4.7x, 174 MB, before the recomputation). The core alone, interleaved against the
-pre-recomputation version: ~0.85x its time at 197, ~0.7x at 577, ~1.0x at 3137, recomputation
-included. Where the
-time goes: the four feature GEMMs, ~30 elementwise maps over (Np, m) / (Np, D) tensors and the window
-products (per product 3 groups x 8 shifts + the centre), the forward twice in training plus the
-backward. Tried and dropped: the dense path for small grids (full q k^T and e(q) e(K)^T gathered /
+pre-recomputation version: 0.84-0.88x its time at 197, 0.66-0.78x at 577, 0.76-1.3x at 3137 (noisy),
+recomputation included. Where the time goes: the four feature GEMMs, ~30 elementwise maps over
+(Np, m) / (Np, D) tensors and the window products (per product 3 groups x 8 shifts + the centre), the
+forward twice in training plus the backward. Tried and dropped: the dense path for small grids (full q k^T and e(q) e(K)^T gathered /
 scattered at the windows) was 1.4-2x slower than the shifts at N = 197 (CPU gather / scatter
 backward); gathering the windows (index_select, unfold, as_strided + matmul) or channels-first
 shifts were no faster at 197-577 and 2-5x slower at 3137; split prefix / patch leaves in the
