@@ -444,8 +444,9 @@ def atrous_linear_attention(
 
 class _Recompute(torch.autograd.Function):
     """The hybrid with activation recomputation: saves q, k, v (views of the layer's qkv storage), the
-    gate, and O(N) statistics (the held-fixed stabiliser, tail and switch weights, so the checks are not
-    rerun); backward recomputes the forward graph from them and differentiates it."""
+    gate, and O(N w^2) statistics (the held-fixed stabilisers, tail and switch weights, and the two
+    window products, so neither the checks nor those products' forward are rerun); backward recomputes
+    the forward graph from them and differentiates it (the same gradients as `_hybrid`'s own graph)."""
 
     @staticmethod
     def forward(ctx, q, k, v, far_weight, args):
