@@ -76,6 +76,16 @@ def measure(trials: int, concurrency: int, steps: int, reuse_actors: bool, stora
     }
 
 
+def _marginal(row: Dict[str, Any], small: Dict[str, Any]) -> None:
+    """Split `row`'s overhead (wall - ideal) into a once-per-sweep part and a per-trial part, from the
+    same measurement with fewer trials (`small`): overhead = fixed + marginal x trials / concurrency."""
+    extra = (row["wall_s"] - row["ideal_s"]) - (small["wall_s"] - small["ideal_s"])
+    marginal = extra * row["concurrency"] / (row["trials"] - small["trials"])
+    row["marginal_overhead_per_trial_s"] = marginal
+    row["fixed_overhead_s"] = (row["wall_s"] - row["ideal_s"]) - marginal * row["trials"] / row["concurrency"]
+    row["small"] = {k: small[k] for k in ("trials", "wall_s", "ideal_s", "ratio", "overhead_per_trial_s")}
+
+
 def _loadavg() -> Optional[List[float]]:
     """The 1, 5 and 15 minute load averages (None where the OS has none)."""
     import os
@@ -163,6 +173,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--reuse-actors", choices=("no", "yes", "both", "default"), default="both",
                    help="default: the sweep's own rule (reuse for CPU-only trials; SweepSpec.actor_reuse)")
     p.add_argument("--floor", action="store_true", help="also measure bare Ray Tune (a 1 s sleep trainable)")
+    p.add_argument("--marginal-from", type=int, default=None, metavar="K0",
+                   help="also run every row with K0 trials: the difference gives the overhead each further trial "
+                        "adds (marginal_overhead_per_trial_s) apart from the once-per-sweep part (fixed_overhead_s: "
+                        "validation, the first worker processes and their imports, the report)")
     p.add_argument("--out", default=None, help="write results as JSON")
     args = p.parse_args(argv)
 
@@ -175,14 +189,27 @@ def main(argv: Optional[List[str]] = None) -> int:
             for _ in range(args.repeats):
                 for reuse in modes:  # interleaved
                     row = {"what": "vitsweep", **measure(args.trials, args.concurrency, args.steps, reuse, Path(storage))}
+                    if args.marginal_from:
+                        _marginal(row, measure(args.marginal_from, args.concurrency, args.steps, reuse, Path(storage)))
                     rows.append(row)
                     if args.floor:
                         floor = measure_floor(args.trials, args.concurrency, row["reuse_actors"], Path(storage))
                         row["over_floor_s"] = row["overhead_per_trial_s"] - floor["overhead_per_trial_s"]
+                        if args.marginal_from:
+                            _marginal(floor, measure_floor(args.marginal_from, args.concurrency, row["reuse_actors"],
+                                                           Path(storage)))
+                            row["marginal_over_floor_s"] = (row["marginal_overhead_per_trial_s"]
+                                                            - floor["marginal_overhead_per_trial_s"])
                         rows.append(floor)
     finally:
         ray.shutdown()
     finished = dt.datetime.now(dt.timezone.utc)
+    if args.marginal_from:
+        print(f"{'what':>9} {'reuse_actors':>12} {'fixed s':>8} {'marginal s/trial':>16} {'marginal over floor s':>21}")
+        for r in rows:
+            over = f"{r['marginal_over_floor_s']:>21.2f}" if "marginal_over_floor_s" in r else f"{'':>21}"
+            print(f"{r['what']:>9} {str(r['reuse_actors']):>12} {r['fixed_overhead_s']:>8.1f} "
+                  f"{r['marginal_overhead_per_trial_s']:>16.2f} {over}")
     print(f"{'what':>9} {'reuse_actors':>12} {'trials':>6} {'conc':>4} {'wall s':>8} {'ideal s':>8} {'ratio':>6} "
           f"{'overhead s/trial':>16} {'over floor s':>12} {'load 1m':>8}")
     for r in rows:
