@@ -10,12 +10,14 @@ storage (Tune's storage context: the same filesystem as the experiment). Tune's 
 uploads it with each checkpoint, but that sync is asynchronous and its final round can be lost when the
 actor is reused (seen with S3 and ``reuse_actors``).
 
-The last epoch's report (metrics and checkpoint) is sent after the run's outputs are written and
-uploaded, not before: the end-of-run work is then inside the trial's last step (Tune's
-``time_total_s``), and a trial Tune has seen finish has its outputs in storage. If that work fails, the
-trial fails and (with ``max_failures``) is retried from the previous epoch's checkpoint. A trial restored
-from its final checkpoint (the driver died between the last report and the trial's end) trains nothing,
-writes its outputs again and reports the final metrics once more, so that Tune completes it.
+The last epoch's report (metrics and checkpoint) is sent after the run's outputs are written locally
+(weights and sidecar, result.json, the TensorBoard session end), not before: that work is then inside
+the trial's last step (Tune's ``time_total_s``). If it fails, the trial fails and (with
+``max_failures``) is retried from the previous epoch's checkpoint. The upload of ``run/`` stays after the
+report, so ``run/result.json`` in storage still means the final result and checkpoint were reported. A
+trial restored from its final checkpoint (the driver died between the last report and the trial's end)
+trains nothing, writes its outputs again and reports the final metrics once more, so that Tune
+completes it.
 
 Node identity: every checkpoint holds ``nodes.json``, the Ray nodes (id and IP) the trial has run on, in
 order; a restored trial reads it back and appends its current node, and run/result.json records the
@@ -103,10 +105,9 @@ class TuneReportCallback(Callback):
     it with the metrics.
 
     With ``defer_final=True`` the last epoch's report (status ``finished`` or ``diverged``) is held back
-    instead: `train_vit` sends it with `report_final` once the run's outputs are written and uploaded,
-    so that the trial's end-of-run work (weights and sidecar, result.json, TensorBoard, the upload) is
-    inside its last reported step (Tune's ``time_total_s``) rather than in the gap before the next
-    trial, and a trial Tune sees finished has its run outputs in storage already.
+    instead: `train_vit` sends it with `report_final` once the run's outputs are written locally, so
+    that the trial's end-of-run writes (weights and sidecar, result.json, TensorBoard) are inside its
+    last reported step (Tune's ``time_total_s``) rather than in the gap before the next trial.
     """
 
     def __init__(self, label: str, nodes: Optional[List[Dict[str, str]]] = None, *, defer_final: bool = False) -> None:
@@ -199,14 +200,15 @@ def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> Non
         except (DataError, ConfigError) as err:
             # The data is read on this node: a path or hub cache missing here is this node's problem.
             raise _on_node(err, node) from err
-        # Upload run/ before the final report: once Tune has the trial's last result, its outputs are in
-        # storage (and the upload counts in the trial's own time, not in the gap before the next trial).
-        persist_run_outputs(out_dir)
+        # The final report goes out after the local writes, before the upload: run/result.json in storage
+        # still means the trial's final result and checkpoint were reported (a resume, and the report,
+        # rely on it); a driver stopped in between resumes the trial from its final checkpoint.
         if not reporter.report_final() and reporter.reports == 0 and result.get("metrics"):
             # Restored from the final epoch's checkpoint (the driver died after the last report but
             # before the trial was marked done): nothing left to train, but Tune needs a result to
             # complete the trial, otherwise its searcher keeps the trial's slot and stalls the sweep.
             tune.report({**reportable(result["metrics"]), "variant_label": label})
+        persist_run_outputs(out_dir)
     finally:
         if reporter is not None:
             reporter.discard()
