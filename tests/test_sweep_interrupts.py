@@ -52,6 +52,10 @@ fixed:
 search:
   lr: {grid: [0.001, 0.002, 0.003, 0.004]}
 resources: {cpu: 2, gpu: 0}   # one trial at a time on 2 CPUs
+# A fresh process per trial, as a GPU sweep has: with a reused actor (the CPU default) the trial
+# running at Ctrl-C can finish during the driver's shutdown, upload its run/ and so count as finished
+# here, though Tune holds it unfinished and the resume trains its last epoch again.
+reuse_actors: false
 """
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
