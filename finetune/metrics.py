@@ -154,15 +154,18 @@ def cost_cache_dir() -> Optional[str]:
     return os.path.join(base, "vitsweep", "cost")
 
 
+def _file_stamp(path: str) -> str:
+    st = os.stat(path)
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def _source_stamp(cls: type) -> str:
     """Where a module class is defined, with the file's size and mtime: an edited variant (a plug-in
     under development) is a new architecture for the cache."""
     import inspect
 
     try:
-        path = inspect.getsourcefile(cls) or ""
-        st = os.stat(path)
-        return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+        return _file_stamp(inspect.getsourcefile(cls) or "")
     except (TypeError, OSError):
         return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -177,7 +180,7 @@ def architecture_key(model: torch.nn.Module, img_size: Sequence[int]) -> str:
     import json
 
     parts = []
-    stamps = {}
+    stamps = {"counter": _file_stamp(__file__)}  # this module counts: an edit to it recounts too
     for name, module in model.named_modules():
         cls = type(module)
         if cls not in stamps:
