@@ -14,39 +14,27 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Mapping, Sequence, Union
 
-from ray.air.integrations.mlflow import MLflowLoggerCallback
-from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem
 from ray.tune import Callback
 
-from finetune.config import TrainConfig
 from finetune.errors import ConfigError
-from finetune.io_utils import finite_or_none
 from finetune.models.attention import get_attention_class
 from finetune.tb_writer import BOOL, NUMBER, STRING, flat_hparams, metric_names, write_hparams_config
 from search_spaces import ResolvedSweep
-from trainables.layout import flatten_trial_config
 
-from .labels import trial_run_label
+from .tracked import tracked_metrics, trial_hparams  # noqa: F401 (public here too)
 
 LOGGERS = ("tensorboard", "mlflow", "wandb")
+# Ray's MLflow and W&B integrations import mlflow / wandb (~4 s): their callbacks live in
+# `orchestrator.tracker_callbacks`, imported only by a sweep that logs to them.
+_TRACKER_CALLBACKS = ("MLflowCallback", "WandbCallback")
 
 
-def tracked_metrics(result: Mapping[str, Any]) -> Dict[str, float]:
-    """The metrics of one report as TensorBoard logs them: every finite number named ``group/name``
-    (``val/acc1``, ``cost/gflops``) or ``lr``; Ray's bookkeeping (``training_iteration``, ``pid``, ...),
-    ``epoch`` (the step) and the config are left out."""
-    out = {}
-    for key, value in result.items():
-        if ("/" in key or key == "lr") and not isinstance(value, bool) and isinstance(value, (int, float)):
-            value = finite_or_none(value)
-            if value is not None:
-                out[key] = float(value)
-    return out
+def __getattr__(name: str) -> Any:
+    if name in _TRACKER_CALLBACKS:  # `from orchestrator.trackers import MLflowCallback` still works
+        from . import tracker_callbacks
 
-
-def trial_hparams(config: Mapping[str, Any]) -> Dict[str, Union[bool, int, float, str]]:
-    """A trial config's hyperparameters, as its TensorBoard session holds them."""
-    return flat_hparams(TrainConfig.from_dict(flatten_trial_config(dict(config))).to_dict())
+        return getattr(tracker_callbacks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _kind(value: Any) -> str:
@@ -96,47 +84,6 @@ class HParamsConfigCallback(Callback):
             write_hparams_config(trial.storage.experiment_driver_staging_path, self.columns, self.metrics,
                                  self.description)
             self.written = True
-
-
-class MLflowCallback(MLflowLoggerCallback):
-    """Ray's MLflow logger, one MLflow run per trial named by its label (``linformer k=64 seed0``),
-    with the trial's flat hyperparameters as params and `tracked_metrics` at step = epoch."""
-
-    def log_trial_start(self, trial) -> None:
-        if trial not in self._trial_runs:
-            tags = {**self.tags, "trial_id": trial.trial_id, "trial_name": str(trial)}
-            run = self.mlflow_util.start_run(tags=tags, run_name=trial_run_label(trial), set_active=False)
-            self._trial_runs[trial] = run.info.run_id
-            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=trial_hparams(trial.config))
-
-    def log_trial_result(self, iteration: int, trial, result: Dict) -> None:
-        if trial not in self._trial_runs:
-            self.log_trial_start(trial)
-        step = int(result.get("epoch") or result.get("training_iteration") or 0)
-        self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=tracked_metrics(result),
-                                     step=step)
-
-    def log_trial_end(self, trial, failed: bool = False) -> None:
-        if trial in self._trial_runs:
-            self.mlflow_util.end_run(run_id=self._trial_runs[trial], status="FAILED" if failed else "FINISHED")
-
-
-class WandbCallback(WandbLoggerCallback):
-    """Ray's W&B logger (one W&B run per trial, from a logging actor), named by the trial's label,
-    grouped by experiment, with the trial's flat hyperparameters as config and `tracked_metrics`."""
-
-    def log_trial_start(self, trial) -> None:
-        self._start_logging_actor(
-            trial, [*self._exclude_results, *self.excludes, "config"],
-            id=trial.trial_id, name=trial_run_label(trial), resume=False, reinit=True, allow_val_change=True,
-            group=self.group or trial.experiment_dir_name, project=self.project,
-            config=trial_hparams(trial.config), **self.kwargs,
-        )
-
-    def log_trial_result(self, iteration: int, trial, result: Dict) -> None:
-        if trial not in self._trial_logging_actors:
-            self.log_trial_start(trial)
-        self._trial_queues[trial].put((_QueueItem.RESULT, tracked_metrics(result)))
 
 
 def check_loggers(names: Sequence[str]) -> List[str]:
@@ -191,7 +138,11 @@ def tune_callbacks(resolved: ResolvedSweep, loggers: Sequence[str] = (), name: s
     callbacks: List[Callback] = [JsonLoggerCallback(), CSVLoggerCallback(),
                                  HParamsConfigCallback(hparam_columns(resolved), sweep_metric_names(resolved), description)]
     if "mlflow" in loggers:
+        from .tracker_callbacks import MLflowCallback
+
         callbacks.append(MLflowCallback(experiment_name=name or resolved.spec.name))
     if "wandb" in loggers:
+        from .tracker_callbacks import WandbCallback
+
         callbacks.append(WandbCallback(project=os.environ.get("WANDB_PROJECT") or "vitsweep", group=name or None))
     return callbacks
