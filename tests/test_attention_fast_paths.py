@@ -57,6 +57,21 @@ def test_performer_softmax_fast_path_matches_autograd_composition(N, m, D, scale
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 
 
+@pytest.mark.parametrize("Dv", [1, 5, 20])
+def test_performer_fast_path_with_a_value_width_unlike_the_head_width(Dv):
+    # the fidelity tools pass values of another width than q and k (e.g. one-hot or summary values)
+    g = torch.Generator().manual_seed(Dv)
+    q, k = (torch.randn(2, 3, 30, 8, generator=g) for _ in range(2))
+    v = torch.randn(2, 3, 30, Dv, generator=g)
+    grad_out = torch.randn(2, 3, 30, Dv, generator=g)
+    W = orthogonal_random_features(16, 8, torch.Generator().manual_seed(1))
+    fast = _grads(lambda q, k, v: performer_attention(q, k, v, W), (q, k, v), grad_out)
+    plain = _grads(lambda q, k, v: linear_attention(*favor_features(q, k, W), v), (q, k, v), grad_out)
+    assert fast[0].shape == (2, 3, 30, Dv)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_performer_no_grad_and_grad_paths_agree():
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     W = orthogonal_random_features(32, 16, torch.Generator().manual_seed(0))

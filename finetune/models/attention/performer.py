@@ -157,8 +157,9 @@ def _favor_softmax_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
     k_sum = e_k.sum(dim=-2, keepdim=True).add_(eps * n).transpose(-2, -1)  # (b, m, 1): phi_k^T 1
     context = torch.cat([context_v, k_sum], dim=-1)  # (b, m, D+1)
     full = torch.bmm(e_q, context).add_(context.sum(dim=-2, keepdim=True), alpha=eps)  # (b, N, D+1) = phi_q C
-    den = full[..., d:].clone()  # (b, N, 1)
-    return full[..., :d] / den, (w, e_q, e_k, context, den)
+    dv = v.shape[-1]  # the value width may differ from the query/key width d
+    den = full[..., dv:].clone()  # (b, N, 1)
+    return full[..., :dv] / den, (w, e_q, e_k, context, den)
 
 
 class _FavorSoftmax(torch.autograd.Function):
@@ -177,15 +178,15 @@ class _FavorSoftmax(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, k, v, w, e_q, e_k, context, out, den = ctx.saved_tensors
-        d = q.shape[-1]
+        d, dv = q.shape[-1], v.shape[-1]  # query/key width, value width
         eps = SOFTMAX_KERNEL_EPS
-        g_full = torch.empty(grad.shape[:-1] + (d + 1,), dtype=grad.dtype, device=grad.device)  # (b, N, D+1)
-        g_num = torch.div(grad, den, out=g_full[..., :d])  # d loss / d numerator
-        g_full[..., d:] = (g_num * out).sum(dim=-1, keepdim=True).neg_()  # d loss / d denominator
+        g_full = torch.empty(grad.shape[:-1] + (dv + 1,), dtype=grad.dtype, device=grad.device)  # (b, N, Dv+1)
+        g_num = torch.div(grad, den, out=g_full[..., :dv])  # d loss / d numerator
+        g_full[..., dv:] = (g_num * out).sum(dim=-1, keepdim=True).neg_()  # d loss / d denominator
         g_eq = g_full @ context.transpose(-2, -1)  # (b, N, m)
-        g_context = torch.baddbmm(g_full.sum(dim=-2, keepdim=True).mul_(eps), e_q.transpose(-2, -1), g_full)  # (b, m, D+1)
-        g_cv = g_context[..., :d]  # (b, m, D)
-        g_ek = torch.baddbmm(g_context[..., d].unsqueeze(-2), v, g_cv.transpose(-2, -1))  # (b, N, m)
+        g_context = torch.baddbmm(g_full.sum(dim=-2, keepdim=True).mul_(eps), e_q.transpose(-2, -1), g_full)  # (b, m, Dv+1)
+        g_cv = g_context[..., :dv]  # (b, m, Dv)
+        g_ek = torch.baddbmm(g_context[..., dv].unsqueeze(-2), v, g_cv.transpose(-2, -1))  # (b, N, m)
         g_v = torch.baddbmm(g_cv.sum(dim=-2, keepdim=True).mul_(eps), e_k, g_cv)  # (b, N, D)
         # exponent = x w^T - |x|^2 D^(-1/2) / 2 (stabilisers are constants): d/dx = w - D^(-1/2) x
         grads = []
