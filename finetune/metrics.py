@@ -123,11 +123,12 @@ def cost_metrics(model: torch.nn.Module, img_size: Sequence[int], *, cache: bool
     architecture once instead of once per trial. Parameter counts are always counted.
     """
     params = count_parameters(model)
-    counts = _cached_counts(model, img_size) if cache else None
+    key = architecture_key(model, img_size) if cache else None
+    counts = _cached_counts(key) if key else None
     if counts is None:
         counts = {"flops": count_flops(model, img_size), "macs": count_macs_fvcore(model, img_size)}
-        if cache:
-            _store_counts(model, img_size, counts)
+        if key:
+            _store_counts(key, counts)
     flops, macs = counts["flops"], counts["macs"]
     return {
         "cost/params": params["total"],
@@ -201,10 +202,9 @@ def architecture_key(model: torch.nn.Module, img_size: Sequence[int]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _cached_counts(model: torch.nn.Module, img_size: Sequence[int]) -> Optional[Dict[str, Optional[int]]]:
+def _cached_counts(key: str) -> Optional[Dict[str, Optional[int]]]:
     import json
 
-    key = architecture_key(model, img_size)
     if key in _COUNTS:
         return dict(_COUNTS[key])
     directory = cost_cache_dir()
@@ -224,10 +224,9 @@ def _cached_counts(model: torch.nn.Module, img_size: Sequence[int]) -> Optional[
     return dict(_COUNTS[key])
 
 
-def _store_counts(model: torch.nn.Module, img_size: Sequence[int], counts: Dict[str, Optional[int]]) -> None:
+def _store_counts(key: str, counts: Dict[str, Optional[int]]) -> None:
     from .io_utils import write_json
 
-    key = architecture_key(model, img_size)
     _COUNTS[key] = dict(counts)
     directory = cost_cache_dir()
     if directory is None:
