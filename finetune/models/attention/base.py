@@ -239,11 +239,10 @@ class AttentionBase(nn.Module, metaclass=abc.ABCMeta):
         B, N, C = x.shape
         if self.contiguous_qkv and torch.is_grad_enabled():
             q, k, v = split_heads(self.qkv(x), self.num_heads, self.head_dim)  # each (B, H, N, D), contiguous
-        elif self.contiguous_qkv:  # no autograd (eval, the jit-traced cost counter): plain tensor ops
-            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
-            q, k, v = qkv.contiguous().unbind(0)  # each (B, H, N, D), contiguous
         else:
             qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+            if self.contiguous_qkv:  # no autograd (eval, the jit-traced cost counter): plain tensor ops
+                qkv = qkv.contiguous()
             q, k, v = qkv.unbind(0)  # each (B, H, N, D)
         q, k = self.q_norm(q), self.k_norm(k)
         x = self.attend(q, k, v)  # (B, H, N, D)
