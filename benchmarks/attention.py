@@ -57,6 +57,8 @@ from finetune.models.attention import attention_layer, builtin_variants, get_att
 from finetune.models.attention.cost import attention_flops
 from finetune.models.attention.flags import add_hparam_arguments
 
+from benchmarks.output import check_bench_out, write_bench_json
+
 DEFAULT_TOKENS = (197, 577, 3137)
 SCOPES = ("layer", "core")
 OUR_VARIANTS = builtin_variants()
@@ -337,6 +339,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the PyPI reference packages")
     p.add_argument("--out", help="write the full report (all timings) as JSON here")
     args = p.parse_args(argv)
+    if args.out:
+        args.out = str(check_bench_out(args.out))
     for n in args.tokens:
         grid_for(n)
     for variant in args.variants:
@@ -356,8 +360,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"batch {args.batch}, dim {args.dim}, heads {args.heads}, {args.precision}; memory: {report['memory_kind']}")
     print(format_table(report))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_bench_json(args.out, json.dumps(report, indent=2))
     return 0
 
 

@@ -42,6 +42,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
+from benchmarks.output import check_bench_out, write_bench_json
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -222,6 +224,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workdir", default=None, help="keep the JPEGs and the cache here (default: a temp dir, removed)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
+    if args.out:
+        args.out = str(check_bench_out(args.out))
     for name in ("images", "classes", "batch_size", "cache_size", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -231,7 +235,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ratio = result["ratio_to_jpeg"][best]
     print(f"goal >= {result['goal']}x: {'met' if ratio >= result['goal'] else 'not met'} (best: {best}, {ratio:.2f}x)")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_bench_json(args.out, json.dumps(result, indent=2))
     return 0
 
 

@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from benchmarks.output import write_bench_json
+from finetune.outputs import check_output_dir
+
 IMAGENET100_TRAIN = 126_689
 
 
@@ -54,8 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=16)
     p.add_argument("--skip", nargs="*", default=[], choices=("train", "e2e", "attention"))
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(args.out, "bench").claim()  # a new or empty directory, or an earlier `bench gpu`'s
     if "train" not in args.skip:
         for model in ("vit_small_patch16_224", "vit_base_patch16_224"):
             for compile_ in (False, True):
@@ -67,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for model in ("vit_small_patch16_224", "vit_base_patch16_224"):
             row = end_to_end(out, model, args.batch, args.cache_images, args.workers)
             print(json.dumps(row))
-            (out / f"e2e_{model}.json").write_text(json.dumps(row, indent=2))
+            write_bench_json(out / f"e2e_{model}.json", json.dumps(row, indent=2))
     if "attention" not in args.skip:
         attention.main(["--device", "cuda", "--precision", "bf16", "--batch", "8", "--out", str(out / "attention_cuda.json")])
     return 0

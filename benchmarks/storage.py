@@ -28,6 +28,8 @@ import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from benchmarks.output import check_bench_out, write_bench_json
+
 REPO = Path(__file__).resolve().parents[1]
 CUT = ["--set", "depth=2", "--set", "epochs=2", "--set", "data=synthetic:classes=10,size=32,n=400,n_val=100"]
 
@@ -61,6 +63,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of each run's local Ray instance")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
+    if args.out:
+        args.out = str(check_bench_out(args.out))
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     import boto3
@@ -101,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"(load average {result['load_avg_1m_at_end']:.1f})")
     print(f"local runs left in {local_root}")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_bench_json(args.out, json.dumps(result, indent=2) + "\n")
     return 0
 
 

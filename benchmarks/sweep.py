@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from benchmarks.output import check_bench_out, write_bench_json
+
 
 def _spec(trials: int, concurrency: int, steps: int, reuse_actors: Optional[bool]) -> Dict[str, Any]:
     spec = {
@@ -181,6 +183,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "validation, the first worker processes and their imports, the report)")
     p.add_argument("--out", default=None, help="write results as JSON")
     args = p.parse_args(argv)
+    if args.out:
+        args.out = str(check_bench_out(args.out))
 
     modes = {"no": [False], "yes": [True], "both": [False, True], "default": [None]}[args.reuse_actors]
     rows = []
@@ -226,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.out:
         info = {"rows": rows, "machine": machine_info(), "args": vars(args),
                 "started_utc": started.isoformat(timespec="seconds"), "finished_utc": finished.isoformat(timespec="seconds")}
-        Path(args.out).write_text(json.dumps(info, indent=2))
+        write_bench_json(args.out, json.dumps(info, indent=2))
     return 0
 
 

@@ -18,6 +18,8 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
+from benchmarks.output import check_bench_out, write_bench_json
+
 NUM_CLASSES = 100
 
 
@@ -83,6 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile both loops' models")
     p.add_argument("--out", default=None, help="write results as JSON")
     args = p.parse_args(argv)
+    if args.out:
+        args.out = str(check_bench_out(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -133,8 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{row['model']:24} {row['img_size']:>4} {row['batch_size']:>5} {row['precision']:>5} "
           f"{row['vitsweep_img_s']:>15.1f} {row['bare_img_s']:>11.1f} {row['ratio_median']:>6.3f} {mfu:>6}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(row, f, indent=2)
+        write_bench_json(args.out, json.dumps(row, indent=2))
     return 0
 
 

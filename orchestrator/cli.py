@@ -81,8 +81,11 @@ def _add_data_command(sub) -> None:
 def _data_show(args: argparse.Namespace) -> int:
     from finetune.data import show_data
 
+    from finetune.outputs import check_output_file
+
     if args.n < 1:
         return _fail(f"--n={args.n} must be >= 1")
+    check_output_file(args.out, (".png",))  # the output rule: never over another command's files or a link
     path = show_data(args.data, args.out, n=args.n, model_name=args.model, img_size=args.img_size, split=args.split, seed=args.seed)
     print(path)
     return 0
@@ -153,6 +156,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail(str(err))
     except KeyboardInterrupt:
         return 130
+    except OSError as err:  # the disk, not vitsweep: full, read-only, quota, permissions
+        from finetune.outputs import disk_error_message
+
+        message = disk_error_message(err)
+        if message is None:
+            raise
+        return _fail(message)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,14 @@ def _guarded(func):
         except VitsweepError as err:
             print(f"vitsweep {args.command}: error: {err}", file=sys.stderr)
             return 2
+        except OSError as err:  # the disk, not vitsweep: full, read-only, quota, permissions
+            from finetune.outputs import disk_error_message
+
+            message = disk_error_message(err)
+            if message is None:
+                raise
+            print(f"vitsweep {args.command}: error: {message}", file=sys.stderr)
+            return 2
 
     return run
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from finetune.outputs import check_output_dir
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -124,17 +127,20 @@ def _eval(args: argparse.Namespace) -> int:
     from .train_cli import parse_attn_items
 
     _check_counts(batch_size=args.batch_size, max_batches=args.max_batches, num_workers=args.num_workers, seed=args.seed)
+    target = check_output_dir(args.out, "eval") if args.out is not None else None  # before any work
     source = _source(args, args.weights, args.variant, parse_attn_items(args.attn))
     describe_source(source)  # refuse bad weights / variant / --attn before any data is built
     result = evaluate_source(source, args.data, batch_size=args.batch_size, max_batches=args.max_batches,
                              topk=tuple(args.topk), device=args.device, precision=args.precision,
                              num_workers=args.num_workers, seed=args.seed)
-    if args.out:
+    if target is not None:
         from finetune.io_utils import write_json
         from finetune.tb_writer import TBWriter
 
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        target = check_output_dir(args.out, "eval")  # again: nothing else may have moved in meanwhile
+        if target.reused and (target.path / "eval.json").is_file():
+            print(f"vitsweep eval: replacing the eval.json of the previous eval in {str(target.path)!r}", file=sys.stderr)
+        out = target.claim()
         write_json(out / "eval.json", result)
         with TBWriter(str(out / "tb")) as writer:
             writer.scalars(result["metrics"], step=0)
@@ -174,13 +180,14 @@ def _fidelity(args: argparse.Namespace) -> int:
         attention_map_figure, attention_modules, capture_qkv, fidelity_rows, implied_attention, markdown_rows,
         variant_module,
     )
-    from finetune.io_utils import write_json
+    from finetune.io_utils import atomic_path, write_json
     from finetune.tb_writer import TBWriter
 
     _check_counts(batch_size=args.batch_size, batches=args.batches, maps=args.maps, num_workers=args.num_workers,
                   seed=args.seed)
     if args.from_dir and args.weights:
         raise ConfigError("pass either --from DIR or --weights PATH, not both")
+    check_output_dir(args.out, "fidelity")  # before any work
     configs = _configs(args.configs)
     source = _source(args, args.from_dir or args.weights)
     arch, sidecar = describe_source(source)
@@ -202,14 +209,15 @@ def _fidelity(args: argparse.Namespace) -> int:
         raise ConfigError("the validation set produced no batches; check --data")
     rows = fidelity_rows(model, captured, configs, seed=args.seed)
 
-    out = Path(args.out)
+    out = check_output_dir(args.out, "fidelity").claim()
     (out / "maps").mkdir(parents=True, exist_ok=True)
     table = markdown_rows(rows)
     header = (f"# Attention fidelity: {arch['model']} ({arch['variant']} attention), {captured[0][0].shape[0]} images "
               f"of {args.data}\n\nRelative error of each block's attention output against exact softmax on the model's "
               "own q, k, v; softmax mass computed exactly (atrous_linear: dilated windows + prefix keys); logit std: "
               "spread of q.k/sqrt(D).\n\n")
-    (out / "fidelity.md").write_text(header + table + "\n")
+    with atomic_path(out / "fidelity.md") as tmp:
+        Path(tmp).write_text(header + table + "\n")
     _write_csv(rows, out / "fidelity.csv")
     write_json(out / "fidelity.json", {"arch": arch, "data": args.data, "rows": rows})
     blocks = attention_modules(model)
@@ -231,7 +239,8 @@ def _fidelity(args: argparse.Namespace) -> int:
                     maps.append((b, exact, approx))
                 grid, prefix = blocks[0].grid_size, blocks[0].num_prefix_tokens
                 fig = attention_map_figure(config.label, maps, grid, prefix)
-                fig.savefig(out / "maps" / f"{_slug(config.label)}.png", dpi=90)
+                with atomic_path(out / "maps" / f"{_slug(config.label)}.png") as tmp:
+                    fig.savefig(tmp, dpi=90, format="png")
                 writer.figure(f"attention/{_slug(config.label)}", fig, step=0)
     print(table)
     print(f"wrote {out / 'fidelity.md'}, fidelity.csv, maps/ and tb/")
@@ -241,7 +250,9 @@ def _fidelity(args: argparse.Namespace) -> int:
 def _write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
     import csv
 
-    with open(path, "w", newline="") as f:
+    from finetune.io_utils import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["block", "variant", "label", "rel_err", "coverage", "logit_std"])
         writer.writeheader()
         writer.writerows(rows)

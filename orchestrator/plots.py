@@ -82,7 +82,10 @@ def _figure(path: Path, size: Tuple[float, float], title: str, drawn: bool, draw
                 transform=ax.transAxes)
         ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from finetune.io_utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return None if drawn else empty_note
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Dict, List, Optional, Tuple
 
-from finetune.errors import ReportError
+from finetune.errors import ConfigError, ReportError
+from finetune.io_utils import atomic_path
+from finetune.outputs import OutputDir, check_output_dir
 
 from .plots import write_plots
 from .results import MARKER, TrialRecord, collect_trials
@@ -89,13 +92,25 @@ def write_report(exp_dir: str | Path, *, uri: Optional[str] = None) -> Report:
     plots_dir = PLOTS_DIR + suffix
     plots = write_plots(rows, records, exp_dir / plots_dir)
     csv_path = exp_dir / f"comparison{suffix}.csv"
-    write_csv(rows, csv_path)
+    with atomic_path(csv_path) as tmp:
+        write_csv(rows, Path(tmp))
     md_path = exp_dir / f"comparison{suffix}.md"
-    md_path.write_text(_markdown(exp_dir, records, rows, table, plots, uri, plots_dir))
+    with atomic_path(md_path) as tmp:
+        Path(tmp).write_text(_markdown(exp_dir, records, rows, table, plots, uri, plots_dir))
     if partial:
         _logger.warning("kept %s (%d finished trials); this report has %d finished trials and was written to %s",
                         exp_dir / "comparison.md", kept, finished, md_path)
     return Report(exp_dir, rows, records, table, md_path, csv_path, plots, partial)
+
+
+def _check_writable_in_place(exp_dir: Path) -> None:
+    """A report in place needs a writable experiment directory: a read-only one is refused in one line
+    (with where to write the report instead) before anything is read or written."""
+    if exp_dir.is_dir() and not os.access(exp_dir, os.W_OK | os.X_OK):
+        ro = bool(os.statvfs(exp_dir).f_flag & os.ST_RDONLY)
+        why = "is on a read-only filesystem" if ro else "is not writable"
+        raise ReportError(f"experiment {str(exp_dir)!r} {why}, so the report cannot be written into it; "
+                          f"write it elsewhere: vitsweep report {str(exp_dir)!r} --out NEW_DIR")
 
 
 def finished_in_csv(path: Path) -> int:
@@ -159,18 +174,22 @@ def build_storage_report(exp: Storage, out: Optional[str | Path] = None) -> Stor
     comparison.csv and plots/ are uploaded back to `exp` when it accepts writes. `tensorboard --logdir`
     works on the local directory afterwards.
     """
+    if exp.is_local and out is not None and Path(out).expanduser().resolve() == Path(exp.path).resolve():
+        out = None  # --out is the experiment itself: in place
     if exp.is_local and out is None:
+        _check_writable_in_place(Path(exp.path))
         return StorageReport(exp, Path(exp.path), write_report(exp.path), None)
     if not exp.is_dir():
         raise ReportError(f"{exp.uri!r} does not exist or holds nothing")
     if out is None:
         local = Path(tempfile.mkdtemp(prefix=f"vitsweep-report-{PurePosixPath(exp.path).name}-"))
+        OutputDir(local, "report", reused=False).claim({"experiment": exp.uri})
     else:
-        local = Path(out).expanduser().resolve()
-        if local.exists() and not local.is_dir():
-            raise ReportError(f"--out {str(local)!r} is an existing file; give a directory")
-        if exp.is_local and local == Path(exp.path):
-            return StorageReport(exp, local, write_report(local), None)
+        try:  # the output rule: a new or empty directory, or an earlier report's copy; never another experiment
+            target = check_output_dir(out, "report")
+        except ConfigError as err:
+            raise ReportError(str(err)) from None
+        local = target.claim({"experiment": exp.uri}).resolve()
     exp.download_dir("", local, include=is_report_input)
     report = write_report(local, uri=None if exp.is_local else exp.uri)
     try:

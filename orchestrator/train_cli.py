@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from finetune.config import DEFAULT_MODEL, DEFAULT_PRETRAINED_TAG, PRECISIONS, VARIANTS, TrainConfig
 from finetune.errors import ConfigError
@@ -159,28 +159,31 @@ def add_train_command(sub) -> None:
     p.set_defaults(func=_train)
 
 
+TRAIN_RUN_FILES = ("result.json", "weights.safetensors", "checkpoint", "preprocessing.json", "tb")
+
+
 def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
-    """The `--out` directory, refused early when it is empty text, a file, under a file or not
-    writable, or (without --resume or --overwrite) a directory that already holds files."""
-    if not out.strip():
-        raise ConfigError(f"--out {out!r} is empty; give the output directory")
-    if "\x00" in out:
-        raise ConfigError(f"--out {out!r} holds a NUL character")
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {str(path)!r} is an existing file, not a directory")
-    ancestor = path
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"--out {str(path)!r}: {str(ancestor)!r} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {str(path)!r}: {str(ancestor)!r} is not writable")
-    if resume:
-        if not path.is_dir():
-            raise ConfigError(f"--resume: {str(path)!r} does not exist; there is no run to continue")
+    """The `--out` directory, refused early (the output rule, `finetune.outputs`): empty text, a link,
+    a file, under a file or not writable; another command's output or an experiment (always); a
+    directory that already holds files without --resume or --overwrite; any link inside it."""
+    from finetune.outputs import check_output_dir, describe_contents
+
+    path = Path(out).expanduser() if out.strip() and "\x00" not in out else None
+    if resume and path is not None and not path.is_symlink() and not path.is_dir():
+        raise ConfigError(f"--resume: {str(path)!r} does not exist; there is no run to continue")
+    try:
+        checked = check_output_dir(out, "train", legacy_own=TRAIN_RUN_FILES)
+    except ConfigError:
+        if path is None or resume or overwrite or not path.is_dir() or path.is_symlink():
+            raise
+        shown = ", ".join(sorted(p.name for p in path.iterdir())[:5])
+        raise ConfigError(
+            f"--out {str(path)!r} already holds files ({shown}: {describe_contents(path)}); choose another --out "
+            "(--resume and --overwrite apply only to a directory `vitsweep train` made)") from None
+    path = checked.path
+    if resume or not checked.reused:
         return path
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if not overwrite:
         shown = ", ".join(sorted(p.name for p in path.iterdir())[:5])
         raise ConfigError(
             f"--out {str(path)!r} already holds files ({shown}); pass --resume to continue that run, "
@@ -189,18 +192,51 @@ def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
     return path
 
 
+def lock_out_dir(out: Path):
+    """The exclusive lock of a train `--out`: the experiment lock of `orchestrator.lock` (O_EXCL, the
+    holder's pid checked, a dead holder's lock taken over), kept beside the directory as
+    ``.<name>.vitsweep-train.lock`` so that --overwrite can move the directory aside while holding it.
+    A second `vitsweep train` into the same --out is refused while the first runs. Returns the held
+    lock; `release()` it at the end."""
+    from .lock import ExperimentLock
+    from .storage import resolve_storage
+
+    out = Path(os.path.abspath(out))
+    lock = ExperimentLock(resolve_storage(str(out.parent)), "train")
+    lock.path = str(out.parent / f".{out.name}.vitsweep-train.lock")
+    try:
+        return lock.acquire()
+    except ConfigError as err:
+        holder = str(err).split(" by another driver: ", 1)[-1].split("; wait for it")[0]
+        raise ConfigError(f"--out {str(out)!r} is in use by another `vitsweep train`: {holder}; wait for it to "
+                          "end or choose another --out") from None
+
+
 def _train(args: argparse.Namespace) -> int:
+    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before the lock: no write
+    lock = lock_out_dir(Path(args.out).expanduser())
+    try:
+        return _train_locked(args)
+    finally:
+        lock.release()
+
+
+def _train_locked(args: argparse.Namespace) -> int:
     import json
 
+    from finetune.outputs import OutputDir
     from finetune.train import run_training
 
-    out = check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    out = check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # again, under the lock
     cfg = config_from_args(args, args.config)
-    before_write: Optional[Callable[[], None]] = None
-    if args.overwrite and out.is_dir() and any(out.iterdir()):
-        def before_write() -> None:
+    move = args.overwrite and out.is_dir() and any(out.iterdir())
+
+    def before_write() -> None:
+        if move:
             moved = move_aside(out)
             print(f"vitsweep: --overwrite: moved the previous contents of {str(out)!r} to {str(moved)!r}", file=sys.stderr)
+        if move or not (out / ".vitsweep-output.json").is_file():
+            OutputDir(out, "train", reused=False).claim()
 
     resume_from = out / "checkpoint" if args.resume else None
     _show_epoch_lines()

@@ -61,25 +61,65 @@ def _write_split(
     """Decode `dataset` (yielding (uint8 [3, S, S], label)) in parallel into {split}_images/labels.npy."""
     n = len(dataset)
     images_path, labels_path = tmp / f"{split}_images.npy", tmp / f"{split}_labels.npy"
-    images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
     labels = np.empty(n, dtype=np.int64)
     loader = DataLoader(dataset, batch_size=64, shuffle=False, num_workers=num_workers, collate_fn=_collate)
     pos = 0
-    with tqdm(total=n, desc=f"cache {split}", disable=not progress, leave=False) as bar:
+    # Ordinary sequential writes of the .npy header and then each batch, not a writable memory map: on a
+    # full disk a write raises ENOSPC (an error we can report and clean up after), where a store into a
+    # memory-mapped page of a full tmpfs kills the process with SIGBUS.
+    with open(images_path, "wb") as fh, tqdm(total=n, desc=f"cache {split}", disable=not progress, leave=False) as bar:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": (n, 3, size, size)}
+        np.lib.format.write_array_header_1_0(fh, header)
         for batch, batch_labels in loader:
-            images[pos : pos + len(batch)] = batch.numpy()
+            if pos + len(batch) > n:
+                raise DataError(f"the {split} split yielded more than the {n} images it reports")
+            fh.write(batch.numpy().tobytes())  # (b, 3, S, S) uint8, C order
             labels[pos : pos + len(batch)] = batch_labels.numpy()
             pos += len(batch)
             bar.update(len(batch))
+        fh.flush()
+        os.fsync(fh.fileno())
     if pos != n:
         raise DataError(f"the {split} split yielded {pos} images but reports {n}")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         raise DataError(f"{split} image {int(bad[0])} has label {int(labels[bad[0]])}, outside 0..{num_classes - 1}")
-    images.flush()
-    del images  # close the memmap before hashing
     np.save(labels_path, labels)
     return {"count": n, "images": _file_entry(images_path), "labels": _file_entry(labels_path)}
+
+
+def estimated_bytes(num_images: int, size: int) -> int:
+    """The documented size of a cache: 3 * size^2 bytes per image (uint8 RGB), 8 per label, plus a
+    header per file and the manifest (64 KiB allowance)."""
+    return num_images * (3 * size * size + 8) + (1 << 16)
+
+
+def check_free_space(out: Path, num_images: int, size: int) -> None:
+    """Refuse, before writing anything, a cache larger than the free space where it goes."""
+    where = out.parent
+    while not where.exists():
+        where = where.parent
+    need, free = estimated_bytes(num_images, size), shutil.disk_usage(where).free
+    if need > free:
+        raise DataError(f"the cache of {num_images} images at size={size} needs about {need / 2**20:,.1f} MiB "
+                        f"({num_images} x 3 x {size}^2 bytes) but {str(where)!r} has {free / 2**20:,.1f} MiB free; "
+                        "free space, lower --size, or choose another --out")
+
+
+def _check_cache_out(out_dir: str | os.PathLike) -> Path:
+    """The cache's `--out`: the output rule (`finetune.outputs`) for a new or empty directory."""
+    from ..errors import ConfigError
+    from ..outputs import check_output_dir, describe_contents
+
+    try:
+        return check_output_dir(out_dir, "data-cache", accept_own=False).path
+    except ConfigError as err:
+        path = Path(out_dir).expanduser()
+        if path.is_dir() and not path.is_symlink() and any(path.iterdir()):
+            raise DataError(f"cache directory {str(path)!r} already exists and is not empty ({describe_contents(path)}); "
+                            "remove it or choose another") from None
+        raise DataError(f"cache directory: {err}") from None
 
 
 def build_cache(
@@ -108,11 +148,10 @@ def build_cache(
         num_workers = min(8, os.cpu_count() or 1)
     if num_workers < 0:
         raise DataError(f"num_workers={num_workers} must be >= 0")
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"cache directory {str(out)!r} already exists and is not empty; remove it or choose another")
+    out = _check_cache_out(out_dir)
     resize = SquareResize(size)
     train, val, names, skipped = build_sources(spec, resize, resize, skip_bad_images=skip_bad_images, seed=seed)
+    check_free_space(out, len(train) + len(val), size)
 
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,10 @@ def plot_grid(
             ax.set_title(name if len(name) <= 22 else name[:21] + "…", fontsize=7)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, format="png")
+        from ..io_utils import atomic_path
+
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     return fig
 
 
