@@ -206,6 +206,14 @@ def check_tune_state(exp: Storage) -> None:
     try:
         check_state_bytes(exp.read_bytes(newest), exp.join(newest).uri)
     except ConfigError as err:
+        if exp.is_local:
+            from .state_keeper import LAST_GOOD, restore_last_good
+
+            aside = restore_last_good(Path(exp.path), Path(exp.path) / newest)
+            if aside is not None:
+                _logger.warning("%s; resuming from the last intact copy the driver kept (%s), the corrupt file "
+                                "is kept as %s", err, LAST_GOOD, aside.name)
+                return
         older = []
         for name in reversed(states[:-1]):
             try:

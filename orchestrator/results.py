@@ -139,9 +139,17 @@ def _tune_trials(exp_dir: Path) -> Iterator[_TuneTrial]:
     from ray.tune import ExperimentAnalysis
 
     newest = max(exp_dir.glob(STATE_PATTERN))  # the one ExperimentAnalysis reads
+    source = str(exp_dir)
     try:
-        check_state_file(newest)
-        analysis = ExperimentAnalysis(str(exp_dir))
+        try:
+            check_state_file(newest)
+        except ConfigError as err:
+            last_good = _last_good_state(exp_dir)
+            if last_good is None:
+                raise
+            _logger.warning("%s; reporting from the last intact copy the driver kept (%s)", err, last_good.name)
+            newest, source = last_good, str(last_good)
+        analysis = ExperimentAnalysis(source)
     except ConfigError as err:
         raise ReportError(f"{err}; cannot report {str(exp_dir)!r}") from None
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as err:
@@ -150,6 +158,14 @@ def _tune_trials(exp_dir: Path) -> Iterator[_TuneTrial]:
     for trial in analysis.trials:
         yield _TuneTrial(trial.trial_id, Path(trial.path), trial.config, trial.status,
                          trial.get_error(), int(trial.num_failures or 0))
+
+
+def _last_good_state(exp_dir: Path) -> Optional[Path]:
+    """The driver's last intact copy of Tune's state (`orchestrator.state_keeper`), if there is one."""
+    from .state_keeper import LAST_GOOD, intact_state
+
+    path = exp_dir / LAST_GOOD
+    return path if path.is_file() and intact_state(path) is not None else None
 
 
 def _copied_trials(exp_dir: Path) -> Iterator[_TuneTrial]:

@@ -12,6 +12,7 @@ through the same object, and each trial's run outputs reach it with Tune's artif
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import importlib
@@ -31,6 +32,7 @@ from .report import MARKER, Report, report_storage
 from .storage import Storage, check_writable, resolve_storage
 from .interrupts import graceful_stop
 from .lock import experiment_lock
+from .state_keeper import keep_last_good_state
 from .preflight import check_cluster_address, check_name, check_new_experiment, check_tune_state, loopback_node
 
 _logger = logging.getLogger(__name__)
@@ -329,6 +331,22 @@ class SweepOutcome:
     interrupted_by: int = 0  # the signal (SIGINT, SIGTERM) that stopped the sweep early; 0: none
 
 
+@contextlib.contextmanager
+def _disk_errors(exp: Storage):
+    """A full (or read-only) disk while the sweep runs or reports: one line that says what failed and
+    how to continue once space is back; the last intact Tune state is kept (`state_keeper`)."""
+    from finetune.outputs import disk_error_message
+
+    try:
+        yield
+    except OSError as err:
+        message = disk_error_message(err)
+        if message is None:
+            raise
+        raise ConfigError(f"the sweep could not write: {message.split('; files written')[0]}; finished trials and "
+                          f"the last intact Tune state are kept; once space is back: vitsweep resume {exp.uri}") from None
+
+
 def _finish(exp: Storage, results, expected: Optional[int] = None) -> SweepOutcome:
     report, local_dir = report_storage(exp)
     missing = max(0, expected - len(report.records)) if expected is not None else 0
@@ -387,9 +405,10 @@ def run_sweep(
         trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
         write_marker(exp, sweep, trainable_path(trainable))
         tuner = build_tuner(sweep, root, name, trainable, loggers)
-        with graceful_stop() as stop:
+        with _disk_errors(exp), graceful_stop() as stop, keep_last_good_state(exp):
             results = tuner.fit()
-        outcome = _finish(exp, results, expected=sweep.expected_trials)
+        with _disk_errors(exp):
+            outcome = _finish(exp, results, expected=sweep.expected_trials)
     outcome.interrupted_by = stop.signum or 0
     return outcome
 
@@ -407,6 +426,11 @@ def resume_sweep(
 
     exp = as_storage(experiment)
     marker = read_marker(exp)
+    if exp.is_local and not os.access(exp.path, os.W_OK | os.X_OK):
+        ro = bool(os.statvfs(exp.path).f_flag & os.ST_RDONLY)
+        raise ConfigError(f"experiment {exp.uri!r} {'is on a read-only filesystem' if ro else 'is not writable'}; "
+                          "resume writes Tune's state and the trials' checkpoints there (`vitsweep report "
+                          f"{exp.uri} --out NEW_DIR` reads it without writing)")
     if not tune.Tuner.can_restore(exp.ray_storage_path, storage_filesystem=exp.ray_storage_filesystem):
         raise ConfigError(f"{exp.uri!r} has a vitsweep marker but no Tune state to resume (did the sweep start?)")
     # Markers without "validated" were written by `run`, which always checked the geometry.
@@ -425,8 +449,9 @@ def resume_sweep(
             resume_errored=True,
             storage_filesystem=exp.ray_storage_filesystem,
         )
-        with graceful_stop() as stop:
+        with _disk_errors(exp), graceful_stop() as stop, keep_last_good_state(exp):
             results = tuner.fit()
-        outcome = _finish(exp, results, expected=resolved.expected_trials)
+        with _disk_errors(exp):
+            outcome = _finish(exp, results, expected=resolved.expected_trials)
     outcome.interrupted_by = stop.signum or 0
     return outcome
