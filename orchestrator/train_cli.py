@@ -186,7 +186,7 @@ def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
     if not overwrite:
         shown = ", ".join(sorted(p.name for p in path.iterdir())[:5])
         raise ConfigError(
-            f"--out {str(path)!r} already holds files ({shown}); pass --resume to continue that run, "
+            f"--out {str(path)!r} already holds files ({shown}: {describe_contents(path)}); pass --resume to continue that run, "
             "--overwrite to move it aside to DIR.old-<time> and start afresh, or choose another --out"
         )
     return path
