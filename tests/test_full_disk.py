@@ -195,3 +195,22 @@ def test_a_disk_that_fills_while_the_cache_is_written_ends_in_one_line_and_leave
         completed = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         one_line_refusal(completed, "no space left")
         assert sorted(p.name for p in mnt.iterdir()) == [filler.name], list(mnt.iterdir())
+
+
+def test_a_truncated_state_falls_back_to_the_last_intact_copy(full_sweep, tmp_path, caplog):
+    """What a full disk does to Ray's own state file (written in place): report reads the driver's last
+    intact copy; resume's check puts it back, keeping the corrupt file aside."""
+    import shutil
+
+    from orchestrator.preflight import check_tune_state
+    from orchestrator.storage import resolve_storage
+
+    exp = tmp_path / "exp"
+    shutil.copytree(full_sweep["exp"], exp)
+    state = max(exp.glob("experiment_state-*.json"))
+    state.write_bytes(state.read_bytes()[:100])
+    code, err = run_cli(["report", exp])
+    assert code == 0 and "last intact copy" in caplog.text, err
+    check_tune_state(resolve_storage(str(exp)))
+    assert json.loads(state.read_text())["trial_data"]
+    assert len(list(exp.glob(f"{state.name}.corrupt-*"))) == 1

@@ -206,6 +206,7 @@ def _copy(interrupted, tmp: Path) -> Path:
 @given(fraction=st.floats(0.0, 0.99))
 def test_resume_refuses_a_truncated_state_naming_it_and_changes_nothing(interrupted, tmp_path_factory, fraction):
     exp = _copy(interrupted, tmp_path_factory.mktemp("corrupt"))
+    (exp / ".vitsweep-last-good-experiment_state.json").unlink(missing_ok=True)  # no intact copy to fall back to
     state = max(exp.glob("experiment_state-*.json"))
     raw = state.read_bytes()
     state.write_bytes(raw[:int(len(raw) * fraction)])
