@@ -52,6 +52,21 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def copy_tree_atomically(source: str | os.PathLike, dest: str | os.PathLike, last: str = "result.json") -> None:
+    """Copy the regular files of `source` into `dest`, each beside its destination and renamed into place
+    (a full disk leaves the previous file or none, never a truncated one under the real name); files
+    named `last` go last (their presence means the rest of their directory is complete). Links are
+    not followed."""
+    import shutil
+
+    source, dest = Path(source), Path(dest)
+    files = sorted((p for p in source.rglob("*") if p.is_file() and not p.is_symlink()),
+                   key=lambda p: (p.name == last, str(p)))
+    for path in files:
+        with atomic_path(dest / path.relative_to(source)) as tmp:
+            shutil.copyfile(path, tmp)
+
+
 def finite_or_none(value: Any) -> Any:
     """None for a non-finite real number (NaN, inf, -inf); any other value unchanged."""
     if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):

@@ -209,7 +209,7 @@ def check_tune_state(exp: Storage) -> None:
         if exp.is_local:
             from .state_keeper import LAST_GOOD, restore_last_good
 
-            aside = restore_last_good(Path(exp.path), Path(exp.path) / newest)
+            aside = restore_last_good(Path(exp.path), Path(exp.path) / newest, check_state_bytes)
             if aside is not None:
                 _logger.warning("%s; resuming from the last intact copy the driver kept (%s), the corrupt file "
                                 "is kept as %s", err, LAST_GOOD, aside.name)

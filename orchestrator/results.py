@@ -18,7 +18,7 @@ from finetune.errors import ConfigError, ReportError
 from finetune.io_utils import json_safe
 from trainables.layout import RUN_SUBDIR, flatten_trial_config, trial_label
 
-from .preflight import STATE_PATTERN, check_state_file
+from .preflight import STATE_PATTERN, check_state_bytes, check_state_file
 
 MARKER = "vitsweep_experiment.json"
 
@@ -165,7 +165,7 @@ def _last_good_state(exp_dir: Path) -> Optional[Path]:
     from .state_keeper import LAST_GOOD, intact_state
 
     path = exp_dir / LAST_GOOD
-    return path if path.is_file() and intact_state(path) is not None else None
+    return path if path.is_file() and intact_state(path, check_state_bytes) is not None else None
 
 
 def _copied_trials(exp_dir: Path) -> Iterator[_TuneTrial]:

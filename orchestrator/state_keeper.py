@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 from finetune.errors import ConfigError
 from finetune.io_utils import atomic_path
@@ -38,10 +38,9 @@ def newest_state(exp_dir: Path) -> Optional[Path]:
     return states[-1] if states else None
 
 
-def intact_state(path: Path) -> Optional[bytes]:
-    """The bytes of `path` when it is a complete experiment state, else None."""
-    from .preflight import check_state_bytes
-
+def intact_state(path: Path, check_state_bytes: Callable[[bytes, str], None]) -> Optional[bytes]:
+    """The bytes of `path` when it is a complete experiment state (`check_state_bytes` passes: the
+    checker of `orchestrator.preflight`, passed in because preflight imports this module), else None."""
     try:
         raw = path.read_bytes()
         check_state_bytes(raw, repr(str(path)))
@@ -53,8 +52,10 @@ def intact_state(path: Path) -> Optional[bytes]:
 class StateKeeper:
     """Copies the newest intact state of the local experiment `exp_dir` to `LAST_GOOD`."""
 
-    def __init__(self, exp_dir: Path, interval_s: float = INTERVAL_S) -> None:
+    def __init__(self, exp_dir: Path, check_state_bytes: Callable[[bytes, str], None],
+                 interval_s: float = INTERVAL_S) -> None:
         self.exp_dir = exp_dir
+        self.check = check_state_bytes
         self.interval_s = interval_s
         self._seen: Optional[Tuple[str, int, int]] = None
         self._stop = threading.Event()
@@ -73,7 +74,7 @@ class StateKeeper:
         seen = (state.name, st.st_mtime_ns, st.st_size)
         if seen == self._seen:
             return False
-        raw = intact_state(state)
+        raw = intact_state(state, self.check)
         if raw is None:
             return False  # being written, or truncated by a full disk: keep the previous copy
         try:
@@ -100,24 +101,25 @@ class StateKeeper:
 
 
 @contextlib.contextmanager
-def keep_last_good_state(exp: Storage) -> Iterator[Optional[StateKeeper]]:
+def keep_last_good_state(exp: Storage, check_state_bytes: Callable[[bytes, str], None]
+                         ) -> Iterator[Optional[StateKeeper]]:
     """Around `tuner.fit()`: keep `LAST_GOOD` up to date (local storage only; None elsewhere)."""
     if not exp.is_local:
         yield None
         return
-    keeper = StateKeeper(Path(exp.path)).start()
+    keeper = StateKeeper(Path(exp.path), check_state_bytes).start()
     try:
         yield keeper
     finally:
         keeper.stop()
 
 
-def restore_last_good(exp_dir: Path, corrupt: Path) -> Optional[Path]:
+def restore_last_good(exp_dir: Path, corrupt: Path, check_state_bytes: Callable[[bytes, str], None]) -> Optional[Path]:
     """Put the intact `LAST_GOOD` copy in place of the corrupt newest state `corrupt` (moved aside to
     ``<name>.corrupt-<time>``, which Tune does not read); returns where the corrupt file went, or
     None when there is no intact copy (nothing is changed then)."""
     good = exp_dir / LAST_GOOD
-    raw = intact_state(good) if good.is_file() else None
+    raw = intact_state(good, check_state_bytes) if good.is_file() else None
     if raw is None:
         return None
     aside = corrupt.with_name(f"{corrupt.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")

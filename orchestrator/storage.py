@@ -28,7 +28,6 @@ import configparser
 import logging
 import os
 import re
-import shutil
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -295,7 +294,9 @@ class Storage:
         if not local_dir.is_dir():
             raise ConfigError(f"cannot upload {str(local_dir)!r} to {self.join(sub).uri}: not a directory")
         if self.is_local:
-            return _copy_tree_atomically(local_dir, Path(self._full(sub)))
+            from finetune.io_utils import copy_tree_atomically
+
+            return copy_tree_atomically(local_dir, Path(self._full(sub)))
         pafs.copy_files(str(local_dir.resolve()), self._full(sub), source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.filesystem)
 
@@ -523,15 +524,3 @@ def aws_credential_sources(storage: Storage) -> List[str]:
             found.append(f"profile {profile!r} in {path}")
     return found
 
-
-def _copy_tree_atomically(source: Path, dest: Path) -> None:
-    """Local storage: each file copied beside its destination and renamed into place (a full disk leaves
-    the previous file or none, never a truncated one under the real name), ``result.json`` files last
-    (their presence means the rest of their directory is complete). Links are not followed."""
-    from finetune.io_utils import atomic_path
-
-    files = sorted((p for p in source.rglob("*") if p.is_file() and not p.is_symlink()),
-                   key=lambda p: (p.name == "result.json", str(p)))
-    for path in files:
-        with atomic_path(dest / path.relative_to(source)) as tmp:
-            shutil.copyfile(path, tmp)

@@ -33,7 +33,9 @@ from .storage import Storage, check_writable, resolve_storage
 from .interrupts import graceful_stop
 from .lock import experiment_lock
 from .state_keeper import keep_last_good_state
-from .preflight import check_cluster_address, check_name, check_new_experiment, check_tune_state, loopback_node
+from .preflight import (
+    check_cluster_address, check_name, check_new_experiment, check_state_bytes, check_tune_state, loopback_node,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -405,7 +407,7 @@ def run_sweep(
         trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
         write_marker(exp, sweep, trainable_path(trainable))
         tuner = build_tuner(sweep, root, name, trainable, loggers)
-        with _disk_errors(exp), graceful_stop() as stop, keep_last_good_state(exp):
+        with _disk_errors(exp), graceful_stop() as stop, keep_last_good_state(exp, check_state_bytes):
             results = tuner.fit()
         with _disk_errors(exp):
             outcome = _finish(exp, results, expected=sweep.expected_trials)
@@ -449,7 +451,7 @@ def resume_sweep(
             resume_errored=True,
             storage_filesystem=exp.ray_storage_filesystem,
         )
-        with _disk_errors(exp), graceful_stop() as stop, keep_last_good_state(exp):
+        with _disk_errors(exp), graceful_stop() as stop, keep_last_good_state(exp, check_state_bytes):
             results = tuner.fit()
         with _disk_errors(exp):
             outcome = _finish(exp, results, expected=resolved.expected_trials)

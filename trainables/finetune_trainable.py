@@ -27,7 +27,9 @@ with that node named.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -41,9 +43,12 @@ from finetune.callbacks import Callback, TrainState
 from finetune.checkpoint import save_checkpoint
 from finetune.config import TrainConfig
 from finetune.errors import ConfigError, DataError
+from finetune.io_utils import copy_tree_atomically
 from finetune.train import release_device_memory, run_training
 
 from .layout import ARCH_KEY, LABEL_KEY, RUN_SUBDIR, flatten_trial_config
+
+_logger = logging.getLogger(__name__)
 
 
 def reportable(metrics: Dict[str, Any]) -> Dict[str, Any]:
@@ -80,6 +85,9 @@ def read_nodes(checkpoint_dir: Optional[str]) -> List[Dict[str, str]]:
     return [dict(node_id=str(n["node_id"]), node_ip=str(n["node_ip"])) for n in nodes]
 
 
+FINAL_FILES = ("weights.safetensors", "weights.json", "result.json")
+
+
 def persist_run_outputs(out_dir: str) -> None:
     """Copy the finished run's outputs to ``<trial dir in storage>/run``, before the trial returns."""
     import pyarrow.fs as pafs
@@ -89,7 +97,23 @@ def persist_run_outputs(out_dir: str) -> None:
     fs = storage.storage_filesystem
     if isinstance(fs, pafs.LocalFileSystem) and os.path.realpath(dest) == os.path.realpath(out_dir):
         return  # already there
-    pafs.copy_files(out_dir, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    if not isinstance(fs, pafs.LocalFileSystem):  # an object store writes each object whole
+        pafs.copy_files(out_dir, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        return
+    # A local disk: Ray's artifact sync copies in place (a full disk leaves truncated files under the
+    # real names). Wait for its sync in flight, copy each file beside and rename it, result.json last,
+    # then drop the local copies of the final files so Ray's last sync (after the trial returns) does
+    # not write them again.
+    syncer = getattr(storage, "syncer", None)
+    if syncer is not None:
+        try:
+            syncer.wait()
+        except Exception as err:  # that sync failed (a full disk): the copy below puts every file in place
+            _logger.warning("Ray's artifact sync of %s failed: %s", out_dir, err)
+    copy_tree_atomically(out_dir, dest)
+    for name in FINAL_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(out_dir, name))
 
 
 def _on_node(err: Exception, node: Dict[str, str]) -> Exception:
