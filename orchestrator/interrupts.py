@@ -39,8 +39,10 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def graceful_stop() -> Iterator[StopRequest]:
-    """Around ``tuner.fit()``: the first SIGINT/SIGTERM stops Tune with its state saved; see module."""
+def graceful_stop(experiment_uri: Optional[str] = None) -> Iterator[StopRequest]:
+    """Around ``tuner.fit()``: the first SIGINT/SIGTERM stops Tune with its state saved; see module.
+    With `experiment_uri`, a second signal (KeyboardInterrupt) still prints the resume command: the
+    state saved last stays, and `vitsweep resume` continues from it."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request  # signals reach the main thread only; whoever runs it handles them
@@ -66,6 +68,10 @@ def graceful_stop() -> Iterator[StopRequest]:
         signal.signal(s, forward)
     try:
         yield request
+    except KeyboardInterrupt:
+        if request.signum is not None and experiment_uri:
+            print(resume_hint(experiment_uri, request), file=sys.stderr, flush=True)
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)

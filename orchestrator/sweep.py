@@ -387,7 +387,7 @@ def run_sweep(
         trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
         write_marker(exp, sweep, trainable_path(trainable))
         tuner = build_tuner(sweep, root, name, trainable, loggers)
-        with graceful_stop() as stop:
+        with graceful_stop(exp.uri) as stop:
             results = tuner.fit()
         outcome = _finish(exp, results, expected=sweep.expected_trials)
     outcome.interrupted_by = stop.signum or 0
@@ -425,7 +425,7 @@ def resume_sweep(
             resume_errored=True,
             storage_filesystem=exp.ray_storage_filesystem,
         )
-        with graceful_stop() as stop:
+        with graceful_stop(exp.uri) as stop:
             results = tuner.fit()
         outcome = _finish(exp, results, expected=resolved.expected_trials)
     outcome.interrupted_by = stop.signum or 0
