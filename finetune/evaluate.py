@@ -28,8 +28,8 @@ from .errors import ConfigError, WeightsError
 from .safe_files import check_regular
 from .loop import evaluate, resolve_device, resolve_precision
 from .metrics import MemoryTracker, MetricError, check_topk, cost_metrics
-from .models import build_vit, load_pretrained_weights
-from .models.attention import get_attention_class
+from .models import build_vit, load_pretrained_weights, vit_geometry
+from .models.attention import check_attention, get_attention_class
 
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -112,6 +112,10 @@ def load_model(source: ModelSource, num_classes: int) -> Tuple[torch.nn.Module, 
             "evaluate on the data set they were trained on"
         )
     arch["num_classes"] = num_classes
+    if ":" in arch["variant"]:  # a plug-in: import, construction and a dry forward, each one line
+        grid, prefix, dim, heads = vit_geometry(arch["model"], arch["img_size"], arch["patch_size"], arch["depth"])
+        check_attention(arch["variant"], dim=dim, num_heads=heads, grid_size=grid, num_prefix_tokens=prefix,
+                        **(arch["attn_hparams"] or {}))
     if sidecar is not None:
         own = sidecar["arch"]
         same = arch["variant"] == own["variant"] and dict(arch["attn_hparams"]) == dict(own.get("attn_hparams") or {})

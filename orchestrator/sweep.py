@@ -387,9 +387,9 @@ def run_sweep(
         trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
         write_marker(exp, sweep, trainable_path(trainable))
         tuner = build_tuner(sweep, root, name, trainable, loggers)
-        with graceful_stop(exp.uri) as stop:
+        with graceful_stop(exp.uri) as stop:  # the report too: a second Ctrl-C there still prints the hint
             results = tuner.fit()
-        outcome = _finish(exp, results, expected=sweep.expected_trials)
+            outcome = _finish(exp, results, expected=sweep.expected_trials)
     outcome.interrupted_by = stop.signum or 0
     return outcome
 
@@ -427,6 +427,6 @@ def resume_sweep(
         )
         with graceful_stop(exp.uri) as stop:
             results = tuner.fit()
-        outcome = _finish(exp, results, expected=resolved.expected_trials)
+            outcome = _finish(exp, results, expected=resolved.expected_trials)
     outcome.interrupted_by = stop.signum or 0
     return outcome

@@ -109,7 +109,7 @@ def test_a_double_ctrl_c_still_prints_the_resume_command_that_completes_the_swee
             time.sleep(0.3)
         assert driver.poll() is None and list(exp.glob("*/run/result.json")), log.read_text()[-3000:]
         os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C ...
-        time.sleep(0.5)
+        time.sleep(0.2)
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGINT)  # ... and Ctrl-C again, at once
         rc = driver.wait(timeout=300)

@@ -111,6 +111,17 @@ def test_the_sweep_driver_refuses_a_bad_plugin_before_ray_starts(capsys, monkeyp
         refused(capsys, sweep(root, config), f"{module}:Plug", fragment, root=root)
 
 
+@pytest.mark.parametrize("case", ["(B, N, H, D)", "raises", "check_geometry raises"])
+def test_eval_with_a_bad_plugin_variant_is_one_line(capsys, monkeypatch, tmp_path, case):
+    body, fragment = ATTEND_FAILURES[case]
+    module = _plugin(tmp_path / "plugins", body)
+    monkeypatch.syspath_prepend(str(tmp_path / "plugins"))
+    with scratch() as root:
+        argv = ["eval", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "4", "--depth", "2",
+                "--variant", f"{module}:Plug", "--data", "synthetic:classes=3,size=32,n=8,n_val=4", "--topk", "1"]
+        refused(capsys, argv, f"{module}:Plug", fragment, root=root)
+
+
 @pytest.mark.parametrize("command", ["train", "run"])
 def test_sys_exit_0_at_import_exits_2_in_a_real_process(tmp_path, command):
     """The case that used to exit 0 having done nothing, as a user runs it."""
