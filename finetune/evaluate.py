@@ -16,6 +16,7 @@ the peak memory: ``val/loss``, ``val/acc{k}``, ``throughput/eval_img_s``, ``cost
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -24,10 +25,11 @@ import timm
 import torch
 
 from .errors import ConfigError, WeightsError
+from .safe_files import check_regular
 from .loop import evaluate, resolve_device, resolve_precision
 from .metrics import MemoryTracker, MetricError, check_topk, cost_metrics
-from .models import build_vit, load_pretrained_weights
-from .models.attention import get_attention_class
+from .models import build_vit, load_pretrained_weights, vit_geometry
+from .models.attention import check_attention, get_attention_class
 
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -57,18 +59,21 @@ def resolve_weights_path(path: str | Path) -> Path:
             if candidate.is_file():
                 return candidate
         raise WeightsError(f"directory {str(p)!r} holds no {WEIGHTS_FILE} (nor run/{WEIGHTS_FILE})")
-    if not p.is_file():
-        raise WeightsError(f"weights file {str(p)!r} does not exist")
+    check_regular(p, "weights file", WeightsError)
     return p
 
 
 def _sidecar(path: Path) -> Optional[Dict[str, Any]]:
-    """The vitsweep sidecar of a weights file, or None for a plain checkpoint."""
-    from .weights import read_sidecar
+    """The vitsweep sidecar of a weights file, verified against the weights (checksums and tensor
+    shapes: `finetune.weights.verify_pair`) whichever way they are then loaded, swapped into another
+    variant included; None for a plain checkpoint."""
+    from .weights import verify_pair, vitsweep_sidecar
 
-    if path.suffix != ".safetensors" or not path.with_suffix(".json").is_file():
+    if path.suffix != ".safetensors":
         return None
-    return read_sidecar(path)
+    if os.path.lexists(path.with_suffix(".json")):
+        return verify_pair(path)
+    return vitsweep_sidecar(path)  # None, or refused: a vitsweep file whose sidecar is gone
 
 
 def describe_source(source: ModelSource) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
@@ -107,6 +112,10 @@ def load_model(source: ModelSource, num_classes: int) -> Tuple[torch.nn.Module, 
             "evaluate on the data set they were trained on"
         )
     arch["num_classes"] = num_classes
+    if ":" in arch["variant"]:  # a plug-in: import, construction and a dry forward, each one line
+        grid, prefix, dim, heads = vit_geometry(arch["model"], arch["img_size"], arch["patch_size"], arch["depth"])
+        check_attention(arch["variant"], dim=dim, num_heads=heads, grid_size=grid, num_prefix_tokens=prefix,
+                        **(arch["attn_hparams"] or {}))
     if sidecar is not None:
         own = sidecar["arch"]
         same = arch["variant"] == own["variant"] and dict(arch["attn_hparams"]) == dict(own.get("attn_hparams") or {})

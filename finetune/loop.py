@@ -221,11 +221,13 @@ def evaluate(
     max_batches: Optional[int] = None,
     batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Dict[str, float]:
-    """``val/loss`` and ``val/acc{k}`` (fractions in [0, 1]) plus ``throughput/eval_img_s``."""
+    """``val/loss`` and ``val/acc{k}`` (fractions in [0, 1]) plus ``throughput/eval_img_s``; all NaN
+    (null in every output) when any logit is not finite."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros(len(topk), device=device, dtype=torch.long)
+    finite = torch.ones((), device=device, dtype=torch.bool)  # every logit finite so far
     timer = Throughput(device)
     seen = 0
     with timer:
@@ -236,14 +238,18 @@ def evaluate(
             with _autocast(device, autocast_dtype):
                 logits = model(images)  # (B, classes)
             loss_sum += criterion(logits.float(), target)
+            finite &= torch.isfinite(logits).all()
             correct += topk_correct(logits, target, topk)
             seen += target.shape[0]
     timer.images = seen
     if seen == 0:
         raise ConfigError("the validation set produced no batches; check --data and --max-val-batches")
     out = {"val/loss": loss_sum.item() / seen}
+    ok = bool(finite.item()) and math.isfinite(out["val/loss"])
     for k, c in zip(topk, correct.tolist()):
-        out[f"val/acc{k}"] = c / seen
+        out[f"val/acc{k}"] = c / seen if ok else float("nan")  # argmax of NaN logits is no accuracy
+    if not ok:
+        out["val/loss"] = float("nan")
     out["throughput/eval_img_s"] = timer.images_per_second
     return out
 
@@ -382,6 +388,8 @@ def fit(
                 val = diverged_val_metrics(cfg.topk)
             else:
                 val = evaluate(forward_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, eval_batch_transform)
+                diverged = not math.isfinite(val["val/loss"])  # non-finite outputs in eval only
+                val = diverged_val_metrics(cfg.topk) if diverged else val
         state.epoch += 1
         metrics = _epoch_metrics(state, train, val, memory.metrics(), time.perf_counter() - epoch_start, device, cfg.precision)
         if diverged:

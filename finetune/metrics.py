@@ -142,7 +142,7 @@ def cost_metrics(model: torch.nn.Module, img_size: Sequence[int], *, cache: bool
 # FLOP/MAC counts by architecture key: this process's, and the on-disk cache's directory.
 _COUNTS: Dict[str, Dict[str, Optional[int]]] = {}
 COST_CACHE_ENV = "VITSWEEP_COST_CACHE"  # a directory, or "off" (no on-disk cache)
-COST_CACHE_FORMAT = "vitsweep-cost-counts-v1"
+COST_CACHE_FORMAT = "vitsweep-cost-counts-v2"  # v2: each entry carries the sha256 of its content
 
 
 def cost_cache_dir() -> Optional[str]:
@@ -202,24 +202,58 @@ def architecture_key(model: torch.nn.Module, img_size: Sequence[int]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _cached_counts(key: str) -> Optional[Dict[str, Optional[int]]]:
+def _counts_digest(key: str, counts: Dict[str, Optional[int]]) -> str:
+    """The sha256 a cache entry carries of its own content (format, key, flops, macs)."""
+    import hashlib
     import json
+
+    body = {"format": COST_CACHE_FORMAT, "key": key, "flops": counts["flops"], "macs": counts["macs"]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _valid_count(value, optional: bool) -> bool:
+    """A FLOP/MAC count: an int >= 0 (JSON has no NaN in an int; bools are not counts)."""
+    if value is None:
+        return optional
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _cached_counts(key: str) -> Optional[Dict[str, Optional[int]]]:
+    """The counts of `key` from this process or the on-disk cache. An entry on disk is used only when it
+    is a regular file (a FIFO would block the open), of this format and key, with counts >= 0 and the
+    sha256 of its own content; anything else is counted again (and rewritten), with a warning that
+    names the file when it was not merely absent."""
+    import json
+
+    from .errors import VitsweepError
+    from .safe_files import open_regular
 
     if key in _COUNTS:
         return dict(_COUNTS[key])
     directory = cost_cache_dir()
     if directory is None:
         return None
+    path = os.path.join(directory, f"{key}.json")
+    if not os.path.lexists(path):
+        return None
+    problem = None
     try:
-        with open(os.path.join(directory, f"{key}.json")) as fh:
-            data = json.load(fh)
-        if data.get("format") != COST_CACHE_FORMAT or data.get("key") != key:
-            return None
+        with open_regular(path, "cost cache entry", VitsweepError, mode="r") as fh:
+            data = json.loads(fh.read(1 << 16))
         flops, macs = data["flops"], data["macs"]
-        if isinstance(flops, bool) or not isinstance(flops, int) or not (macs is None or (isinstance(macs, int) and not isinstance(macs, bool))):
-            return None
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None  # absent, unreadable or corrupt: count again
+        if data.get("format") != COST_CACHE_FORMAT or data.get("key") != key:
+            problem = "another format or key"
+        elif not (_valid_count(flops, False) and _valid_count(macs, True)):
+            problem = f"counts that are not integers >= 0 (flops={flops!r}, macs={macs!r})"
+        elif data.get("sha256") != _counts_digest(key, {"flops": flops, "macs": macs}):
+            problem = "content that does not match its own sha256"
+    except VitsweepError as err:
+        problem = str(err)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        problem = f"an unreadable entry ({type(err).__name__}: {err})"
+    if problem is not None:
+        _logger.warning("cost cache entry %s ignored and counted again: %s", path, problem)
+        return None
     _COUNTS[key] = {"flops": flops, "macs": macs}
     return dict(_COUNTS[key])
 
@@ -231,9 +265,10 @@ def _store_counts(key: str, counts: Dict[str, Optional[int]]) -> None:
     directory = cost_cache_dir()
     if directory is None:
         return
+    entry = {"format": COST_CACHE_FORMAT, "key": key, **counts, "sha256": _counts_digest(key, counts)}
     try:
         os.makedirs(directory, exist_ok=True)
-        write_json(os.path.join(directory, f"{key}.json"), {"format": COST_CACHE_FORMAT, "key": key, **counts})
+        write_json(os.path.join(directory, f"{key}.json"), entry)
     except OSError as err:  # a read-only home: the per-process cache still works
         _logger.debug("cost cache %s not writable: %s", directory, err)
 

@@ -48,8 +48,8 @@ def check_config(cfg: TrainConfig) -> Dict[str, Any]:
     check_data_spec(cfg.data)
     check_device(cfg.device)
     resolve_precision(cfg.precision, resolve_device(cfg.device))
-    if cfg.weights is not None and not Path(cfg.weights).is_file():
-        raise ConfigError(f"weights={cfg.weights!r} does not exist")
+    if cfg.weights is not None:
+        check_weights_file(cfg.weights)
     return {
         "grid": list(grid),
         "num_prefix_tokens": prefix,
@@ -57,6 +57,21 @@ def check_config(cfg: TrainConfig) -> Dict[str, Any]:
         "embed_dim": dim,
         "num_heads": heads,
     }
+
+
+def check_weights_file(path: str) -> None:
+    """``--weights`` must be a regular file; a vitsweep weights file must pass its checksums and its
+    sidecar must describe it (`finetune.weights.vitsweep_sidecar`), as `eval` and `load_weight_dict`
+    require, before it initialises a model."""
+    from .errors import WeightsError
+    from .safe_files import check_regular
+    from .weights import vitsweep_sidecar
+
+    try:
+        check_regular(path, "weights file", WeightsError)
+        vitsweep_sidecar(path)
+    except WeightsError as err:
+        raise ConfigError(f"weights={path!r}: {err}") from None
 
 
 @functools.lru_cache(maxsize=None)

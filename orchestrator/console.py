@@ -78,7 +78,10 @@ class SweepReporter(ProgressReporter):
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     def best(self, trials: Sequence) -> Optional[Any]:
-        scored = [t for t in trials if self._score(t) is not None and t.status != "ERROR"
+        """The best trial among those that ended (Tune's TERMINATED: finished or stopped early by the
+        scheduler), as comparison.md ranks them: a running, paused or interrupted trial's metric is
+        one epoch's, not its result, and errored or diverged trials are never best."""
+        scored = [t for t in trials if self._score(t) is not None and t.status == "TERMINATED"
                   and (t.last_result or {}).get("status") != "diverged"]
         if not scored:
             return None

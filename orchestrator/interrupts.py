@@ -7,7 +7,8 @@ Tune's own SIGINT handler is switched off (``TUNE_DISABLE_SIGINT_HANDLER``) so t
 both signals; it forwards them to Tune's SIGUSR1 handler. Without this, Ray's driver turns SIGTERM into
 ``sys.exit`` at an arbitrary point, which aborts with exit 134 and a native stack dump.
 
-A second signal raises KeyboardInterrupt at once (the state saved last stays). `StopRequest.signum`
+A second signal raises KeyboardInterrupt at once (the state saved last stays); the resume command is
+still printed (`graceful_stop(experiment_uri)`) when Tune had been asked to stop. `StopRequest.signum`
 tells the driver which signal ended the run; the CLI then exits ``128 + signum`` (130, 143).
 """
 
@@ -28,6 +29,7 @@ _TUNE_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 @dataclass
 class StopRequest:
     signum: Optional[int] = None
+    saved: bool = False  # Tune was asked to stop (its state is saved as of the last step)
 
     @property
     def exit_code(self) -> int:
@@ -39,8 +41,10 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def graceful_stop() -> Iterator[StopRequest]:
-    """Around ``tuner.fit()``: the first SIGINT/SIGTERM stops Tune with its state saved; see module."""
+def graceful_stop(experiment_uri: Optional[str] = None) -> Iterator[StopRequest]:
+    """Around ``tuner.fit()``: the first SIGINT/SIGTERM stops Tune with its state saved; see module.
+    With `experiment_uri`, a second signal (KeyboardInterrupt) still prints the resume command: the
+    state saved last stays, and `vitsweep resume` continues from it."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request  # signals reach the main thread only; whoever runs it handles them
@@ -54,6 +58,7 @@ def graceful_stop() -> Iterator[StopRequest]:
               "(send it again to stop at once)", file=sys.stderr, flush=True)
         tune_stop = signal.getsignal(signal.SIGUSR1)
         if callable(tune_stop):
+            request.saved = True
             tune_stop(signal.SIGUSR1, frame)
         else:  # Tune's loop is not running yet: nothing to save
             raise KeyboardInterrupt
@@ -66,6 +71,10 @@ def graceful_stop() -> Iterator[StopRequest]:
         signal.signal(s, forward)
     try:
         yield request
+    except KeyboardInterrupt:
+        if request.saved and experiment_uri:
+            print(resume_hint(experiment_uri, request), file=sys.stderr, flush=True)
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)

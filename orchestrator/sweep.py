@@ -407,9 +407,9 @@ def run_sweep(
         trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
         write_marker(exp, sweep, trainable_path(trainable))
         tuner = build_tuner(sweep, root, name, trainable, loggers)
-        with _disk_errors(exp), graceful_stop() as stop, keep_last_good_state(exp, check_state_bytes):
-            results = tuner.fit()
-        with _disk_errors(exp):
+        with _disk_errors(exp), graceful_stop(exp.uri) as stop:  # the report too: a second Ctrl-C there still prints the hint
+            with keep_last_good_state(exp, check_state_bytes):
+                results = tuner.fit()
             outcome = _finish(exp, results, expected=sweep.expected_trials)
     outcome.interrupted_by = stop.signum or 0
     return outcome
@@ -451,9 +451,9 @@ def resume_sweep(
             resume_errored=True,
             storage_filesystem=exp.ray_storage_filesystem,
         )
-        with _disk_errors(exp), graceful_stop() as stop, keep_last_good_state(exp, check_state_bytes):
-            results = tuner.fit()
-        with _disk_errors(exp):
+        with _disk_errors(exp), graceful_stop(exp.uri) as stop:  # the report too: a second Ctrl-C there still prints the hint
+            with keep_last_good_state(exp, check_state_bytes):
+                results = tuner.fit()
             outcome = _finish(exp, results, expected=resolved.expected_trials)
     outcome.interrupted_by = stop.signum or 0
     return outcome

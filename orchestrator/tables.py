@@ -318,7 +318,10 @@ def row_name(row: Row, sep: str = " ") -> str:
 
 
 def _ranked(row: Row) -> bool:
-    return row.values["acc1"][0] is not None and not row.values["status"].startswith(("errored", "diverged"))
+    """Whether a row may be marked best or on the Pareto front: as `_mark_best`, never an errored,
+    diverged or interrupted (unfinished) trial."""
+    return (row.values["acc1"][0] is not None and not row.values["status"].startswith(("errored", "diverged"))
+            and all(t.status != "unfinished" for t in row.trials))
 
 
 def console_table(rows: Sequence[Row], width: int = 100) -> str:

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..io_utils import sha256_file
+from ..safe_files import check_regular, open_regular
 
 FORMAT = "vitsweep-cache"
 VERSION = 1
@@ -54,10 +55,10 @@ def read_manifest(root: str | os.PathLike) -> Dict[str, Any]:
     if not root.is_dir():
         raise DataError(f"cache directory {str(root)!r} does not exist; build one with `vitsweep data cache`")
     path = root / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise DataError(f"{str(root)!r} is not a vitsweep cache: no {MANIFEST} (build one with `vitsweep data cache`)")
     try:
-        with open(path) as f:
+        with open_regular(path, "cache manifest", DataError, mode="r") as f:
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"cache manifest {str(path)!r} is not valid JSON: {e}") from e
@@ -123,9 +124,9 @@ def check_cache_dir(root: str | os.PathLike) -> Dict[str, Any]:
     """Manifest valid and every file present with the byte size the manifest records (stat only)."""
     manifest = read_manifest(root)
     for path, entry in _files(root, manifest):
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise DataError(f"cache file {str(path)!r} is missing (listed in the manifest)")
-        actual = path.stat().st_size
+        actual = check_regular(path, "cache file", DataError).st_size  # a FIFO would block np.load
         if actual != entry["bytes"]:
             raise DataError(
                 f"cache file {str(path)!r} has {actual} bytes but the manifest expects {entry['bytes']} "

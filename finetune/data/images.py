@@ -6,6 +6,8 @@
   recommends, then the alpha is dropped as for ``RGBA`` and ``LA``.
 - An image with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb) is refused
   before it is decoded; PIL's warning becomes an error here.
+- Only regular files are opened (`finetune.safe_files.open_regular`): a FIFO named ``x.png`` would
+  block ``open()`` forever.
 - A truncated file fails when it is decoded (PIL's "image file is truncated"); `is_decodable` decodes
   the whole file, so ``--skip-bad-images`` finds it before training.
 
@@ -22,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..safe_files import open_regular
 
 # What PIL raises for unreadable, corrupt, truncated or oversized files.
 PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
@@ -53,6 +56,8 @@ def decode(what: str, read: Callable[[], T]) -> T:
     try:
         with bombs_are_errors():
             return read()
+    except DataError:
+        raise  # already names the file (open_regular: not a regular file)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DataError(f"cannot read image {what}: too many pixels to decode safely ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:
@@ -63,19 +68,20 @@ def load_rgb(path: str) -> Image.Image:
     """Open an image file as 8-bit RGB; an unreadable file is a DataError naming its path."""
 
     def read() -> Image.Image:
-        with Image.open(path) as img:
+        with open_regular(path, "image", DataError) as fh, Image.open(fh) as img:
             return to_rgb(img)
 
     return decode(repr(path), read)
 
 
 def is_decodable(path: str) -> bool:
-    """Whether the whole file decodes (truncated files and decompression bombs do not)."""
+    """Whether the whole file decodes (truncated files and decompression bombs do not; a FIFO, socket or
+    device is not opened at all)."""
     try:
-        with bombs_are_errors(), Image.open(path) as img:
+        with bombs_are_errors(), open_regular(path, "image", DataError) as fh, Image.open(fh) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))  # DCT scaling still reads every byte
             img.load()
         return True
-    except PIL_ERRORS:
+    except (*PIL_ERRORS, DataError):
         return False

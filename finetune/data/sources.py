@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import DataError
+from ..safe_files import not_regular_message
 from .cache import check_cache_dir, open_cache
 from .gpu_transforms import BatchEvalTransform, BatchTrainTransform
 from .images import decode, is_decodable, load_rgb, to_rgb
@@ -147,6 +149,8 @@ def _cache_bundle(root: str, spec: str, preprocessing: Preprocessing, verify: Op
     train, val, manifest = open_cache(root, verify)
     names = list(manifest["class_names"])
     check_class_count(names, spec)
+    for split, dataset in zip(("train", "val"), (train, val)):
+        check_classes_with_images(dataset.labels, names, f"{root}/{split}")
     eval_tf = BatchEvalTransform(preprocessing)
     train_tf = eval_tf if preprocessing.augment == "none" else BatchTrainTransform(preprocessing)
     return DataBundle(
@@ -199,8 +203,32 @@ def _image_files(class_dir: str) -> List[str]:
                     raise DataError(f"{entry.path!r} is a symbolic link loop: it leads back to {real!r}, which contains it")
                 stack.append((entry.path, ancestors | {real}))
             elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                _check_not_special(entry)
                 files.append(entry.path)
     return [path for directory in sorted(found) for path in found[directory]]
+
+
+def check_classes_with_images(labels: Sequence[int], classes: Sequence[str], where: str) -> None:
+    """A split must hold images of at least MIN_CLASSES classes: two class folders of which one is
+    empty train a one-class model whose validation accuracy is trivially 100%."""
+    present = set(int(label) for label in labels)
+    if len(present) < MIN_CLASSES:
+        empty = [c for i, c in enumerate(classes) if i not in present]
+        raise DataError(
+            f"{where!r} has images of {len(present)} class(es) only; training needs at least {MIN_CLASSES} "
+            f"classes with images (without images: {_short([str(c) for c in empty])})"
+        )
+
+
+def _check_not_special(entry: os.DirEntry) -> None:
+    """A FIFO, socket or device named like an image is refused before anything opens it (a FIFO
+    blocks ``open()`` forever); a dangling link is left to fail, naming itself, when it is read."""
+    try:
+        mode = entry.stat().st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise DataError(not_regular_message(entry.path, "image", mode) + "; remove it from the image folder")
 
 
 def _scan(directory: str, class_to_idx: Dict[str, int]) -> List[Tuple[str, int]]:
@@ -275,6 +303,7 @@ def _folder_pair(root, classes, skip_bad, train_tf, eval_tf):
                 f"{d!r} has no {'readable ' if skip_bad else ''}images in its class folders "
                 f"(extensions: {', '.join(IMG_EXTENSIONS)})"
             )
+        check_classes_with_images([label for _, label in samples], classes, d)
         datasets_.append(FolderDataset(samples, tf))
     return datasets_[0], datasets_[1], list(classes), skipped
 
@@ -304,7 +333,10 @@ def load_dataset_dict(target: str):
 
     if is_local_path(target):
         check_saved_dataset_dir(target)
-        return datasets.load_from_disk(target)
+        try:
+            return datasets.load_from_disk(target)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a folder damaged in ways the check cannot see
+            raise DataError(f"cannot load the saved dataset {target!r}: {type(e).__name__}: {e}") from e
     try:
         return datasets.load_dataset(target)
     except OSError as e:  # DatasetNotFoundError, ConnectionError and offline mode are all OSErrors
@@ -330,7 +362,7 @@ def _pick_column(features, kind, preferred: Tuple[str, ...], where: str) -> str:
     raise DataError(f"{where} has {problem} unambiguous {what} column; its columns are {{{described}}}")
 
 
-def check_labels(split, label_column: str, num_classes: int, where: str) -> None:
+def check_labels(split, label_column: str, num_classes: int, where: str) -> np.ndarray:
     labels = np.asarray(split.select_columns([label_column]).with_format("numpy")[label_column])
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
@@ -339,6 +371,7 @@ def check_labels(split, label_column: str, num_classes: int, where: str) -> None
             f"{where}: label {int(labels[i])} at row {i} (and {bad.size - 1} more) is outside "
             f"0..{num_classes - 1} ({num_classes} classes in column {label_column!r})"
         )
+    return labels
 
 
 def _hf_pair(target: str, train_tf, eval_tf, display: Optional[str] = None):
@@ -360,7 +393,8 @@ def _hf_pair(target: str, train_tf, eval_tf, display: Optional[str] = None):
         where = f"{display}[{name}]"
         if len(dd[name]) == 0:
             raise DataError(f"{where} is empty")
-        check_labels(dd[name], label_col, len(names), where)
+        labels = check_labels(dd[name], label_col, len(names), where)
+        check_classes_with_images(labels, names, where)
         out.append(HFImageDataset(dd[name], image_col, label_col, tf, where))
     return out[0], out[1], names
 

@@ -113,9 +113,21 @@ def check_saved_dataset_dir(root: str) -> None:
             f"{root!r} is not a DatasetDict saved with save_to_disk (no dataset_dict.json); "
             "save one with DatasetDict.save_to_disk or use 'imagefolder:<dir>'"
         )
-    with open(meta) as f:
-        splits = json.load(f).get("splits", [])
-    train_and_val_splits(splits, root)
+    try:
+        with open(meta) as f:
+            listed = json.load(f)
+    except (OSError, ValueError) as err:  # unreadable, not JSON, not UTF-8
+        raise DataError(f"{meta!r} is not a readable dataset_dict.json: {err}") from None
+    splits = listed.get("splits", []) if isinstance(listed, dict) else []
+    if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+        raise DataError(f"{meta!r} must list its splits as names, not {str(splits)[:80]}")
+    for split in train_and_val_splits(splits, root):
+        missing = [f for f in ("state.json", "dataset_info.json") if not os.path.isfile(os.path.join(root, split, f))]
+        if missing:
+            raise DataError(
+                f"dataset {root!r} lists split {split!r} but {os.path.join(root, split)!r} lacks {', '.join(missing)}: "
+                "the folder is incomplete; save it again with DatasetDict.save_to_disk"
+            )
 
 
 def train_and_val_splits(splits, where: str) -> tuple:

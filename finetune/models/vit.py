@@ -20,6 +20,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import ConfigError, WeightsError
+from ..safe_files import check_regular
 from .attention import AttentionBase, attention_layer
 
 _logger = logging.getLogger(__name__)
@@ -127,8 +128,7 @@ def hub_weights_path(model_name: str, tag: Optional[str]) -> str:
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Tensors from a safetensors file or a timm/PyTorch checkpoint (``weights_only=True``: no code runs)."""
     p = Path(path)
-    if not p.is_file():
-        raise WeightsError(f"weights file {path!r} does not exist")
+    check_regular(p, "weights file", WeightsError)  # a FIFO or device would block the read
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
         from safetensors import SafetensorError

@@ -66,15 +66,16 @@ def linformer_attention(
     # E^T K as one batched product over (batch, head) with E^T broadcast (a stride-0 batch): no copy
     # of k or v on the way in or out, ~2.5x faster forward + backward on CPU than folding (K^T E)^T
     # into one GEMM, whose K^T needs a transposing copy.
-    lead, n, d = k.shape[:-2], k.shape[-2], k.shape[-1]
+    # v may be wider or narrower than q and k (Dv; `vitsweep fidelity` passes v = I_N, Dv = N).
+    lead, n, d, dv = k.shape[:-2], k.shape[-2], k.shape[-1], v.shape[-1]
     k_proj = _project(E.to(k.dtype), k.reshape(-1, n, d)).view(lead + (E.shape[1], d))  # (B, H, k, D)
-    v_proj = _project(F.to(v.dtype), v.reshape(-1, n, d)).view(lead + (F.shape[1], d))  # (B, H, k, D)
+    v_proj = _project(F.to(v.dtype), v.reshape(-1, n, dv)).view(lead + (F.shape[1], dv))  # (B, H, k, Dv)
     # 1/sqrt(D) on the [k, D] projected keys, not on the [N, D] queries (exact when D is a power of 4)
     attn = q @ (k_proj * d**-0.5).transpose(-2, -1)  # (B, H, N, k)
     attn = attn.softmax(dim=-1)
     if dropout_p > 0.0:
         attn = torch.nn.functional.dropout(attn, p=dropout_p)
-    return attn @ v_proj  # (B, H, N, D)
+    return attn @ v_proj  # (B, H, N, Dv)
 
 
 @register_attention("linformer")

@@ -98,6 +98,9 @@ def _import_variant(path: str) -> Type[AttentionBase]:
             f"attention variant {path!r}: module {module_name!r} cannot be imported ({type(err).__name__}: {err}); "
             "is its directory on PYTHONPATH?"
         ) from None
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - a plug-in's own code ran: sys.exit() included
+        what = f"called sys.exit({err.code!r})" if isinstance(err, SystemExit) else f"raised {type(err).__name__}: {err}"
+        raise AttentionConfigError(f"attention variant {path!r}: importing module {module_name!r} {what}") from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -178,7 +181,77 @@ def check_attention(
     num_prefix_tokens: int,
     **hparams: Any,
 ) -> None:
-    """Validate a variant's hyperparameters for a geometry without allocating: build one on `meta`."""
+    """Validate a variant's hyperparameters for a geometry without allocating: build one on `meta`.
+
+    A plug-in (a variant given by import path) is also run once (`dry_forward`) before any training:
+    its code is checked, not trusted, and anything it raises becomes one AttentionConfigError."""
     layer = attention_layer(variant, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens, **hparams)
-    with torch.device("meta"):
-        layer(dim, num_heads=num_heads, qkv_bias=True)
+    plugin = ":" in variant
+    try:
+        with torch.device("meta"):
+            layer(dim, num_heads=num_heads, qkv_bias=True)
+    except AttentionConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a plug-in's check_geometry or constructor
+        if not plugin:
+            raise
+        raise AttentionConfigError(
+            f"attention variant {variant!r} ({layer.__name__}) raised {type(err).__name__} while being built "
+            f"(check_geometry or __init__): {err}"
+        ) from None
+    if plugin:
+        key = (variant, dim, num_heads, tuple(grid_size), num_prefix_tokens, repr(sorted(layer.bound_kwargs.items())))
+        _dry_forward_cached(key, layer, dim, num_heads, variant)
+
+
+_DRY_RUN_OK: set = set()
+
+
+def _dry_forward_cached(key: tuple, layer: Type[AttentionBase], dim: int, num_heads: int, variant: str) -> None:
+    if key not in _DRY_RUN_OK:
+        dry_forward(layer, dim, num_heads, variant=variant)
+        _DRY_RUN_OK.add(key)
+
+
+def dry_forward(layer: Type[AttentionBase], dim: int, num_heads: int, batch: int = 2, variant: str = "") -> None:
+    """Build `layer` on the CPU and call ``attend`` once on a small random batch, in eval and in train
+    mode: the output must be a tensor of shape (B, H, N, D), of the input's dtype, all finite.
+    Anything else (or an exception) is an AttentionConfigError naming the class: a plug-in returning
+    (B, N, H, D) would otherwise reshape silently into wrong tokens, and float64 or NaN fail later."""
+    name = f"{variant!r} ({layer.__name__})" if variant else layer.__name__
+    try:
+        module = layer(dim, num_heads=num_heads, qkv_bias=True)
+    except Exception as err:  # noqa: BLE001
+        raise AttentionConfigError(f"attention variant {name} raised {type(err).__name__} while being built: {err}") from None
+    N = module.num_tokens or 1 + 4 * 4
+    shape = (batch, module.num_heads, N, module.head_dim)  # (B, H, N, D)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+    for training in (False, True):
+        module.train(training)
+        mode = "train" if training else "eval"
+        try:
+            with torch.no_grad():
+                out = module.attend(q, k, v)
+        except Exception as err:  # noqa: BLE001
+            raise AttentionConfigError(
+                f"attention variant {name}: attend(q, k, v) raised {type(err).__name__} on a dry run "
+                f"({mode} mode, q, k, v of shape {list(shape)}): {err}"
+            ) from None
+        if not isinstance(out, torch.Tensor):
+            raise AttentionConfigError(f"attention variant {name}: attend(q, k, v) returned {type(out).__name__}, not a tensor")
+        if tuple(out.shape) != shape:
+            raise AttentionConfigError(
+                f"attention variant {name}: attend(q, k, v) returned shape {list(out.shape)} for q, k, v of shape "
+                f"{list(shape)}; it must return (B, H, N, D) = {list(shape)}"
+            )
+        if out.dtype != q.dtype:
+            raise AttentionConfigError(
+                f"attention variant {name}: attend(q, k, v) returned {out.dtype} for {q.dtype} inputs; it must "
+                "return the dtype of its inputs"
+            )
+        if not bool(torch.isfinite(out).all()):
+            raise AttentionConfigError(
+                f"attention variant {name}: attend(q, k, v) returned non-finite values (NaN or inf) on a dry run "
+                f"({mode} mode) with standard normal q, k, v of shape {list(shape)}"
+            )
