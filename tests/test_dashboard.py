@@ -299,3 +299,25 @@ def test_submit_names_the_job_after_the_experiment(tmp_path, monkeypatch):
                 os.killpg(head.pid, signal.SIGKILL)
                 head.wait(timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_the_console_and_the_report_name_each_trials_worker(tmp_path):
+    """The console's ``pid`` column and the report's "Trials in the Ray dashboard" table: label, trial id,
+    PID and node, from Tune's results."""
+    from types import SimpleNamespace
+
+    from orchestrator.console import SweepReporter
+    from orchestrator.report import dashboard_lines
+    from orchestrator.results import TrialRecord
+
+    config = {"arch": {"variant": "softmax", "_label": "softmax"}, "seed": 0}
+    trial = SimpleNamespace(config=config, status="RUNNING", trial_id="a1b2c_00000", evaluated_params={},
+                            last_result={"epoch": 1, "val/acc1": 0.5, "pid": 4242, "node_ip": "127.0.0.1"})
+    text = SweepReporter().render([trial])
+    header, row = text.splitlines()[1], text.splitlines()[2]
+    assert header.split()[-1] == "pid" and row.split()[-1] == "4242", text
+    record = TrialRecord(trial_id="a1b2c_00000", path=tmp_path / "softmax_seed0_a1b2c_00000", label="softmax",
+                         config=config, status="TERMINATED", history=[{"pid": 4242, "node_ip": "127.0.0.1"}])
+    lines = dashboard_lines([record])
+    assert lines[0] == "## Trials in the Ray dashboard" and "| softmax_seed0 | `a1b2c_00000` | 4242 | 127.0.0.1 |" in lines
+    assert dashboard_lines([TrialRecord("x", tmp_path, "softmax", {}, "ERROR")]) == []  # no result: no section
