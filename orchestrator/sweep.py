@@ -129,8 +129,11 @@ def check_export_port(port: Optional[int], address: Optional[str]) -> Optional[i
     instance only, with ray[default] installed (Ray's metrics agent is part of the dashboard agent)."""
     from .monitoring import check_metrics_port, metrics_port_for
 
-    port = metrics_port_for(check_metrics_port(port), joins_cluster(address))
-    if port is not None and not dashboard_available():
+    port = check_metrics_port(port)
+    if port is None:
+        return None
+    metrics_port_for(port, joins_cluster(address))
+    if not dashboard_available():
         raise ConfigError("--metrics-export-port needs Ray's metrics agent, part of ray[default]: "
                           "pip install 'vitsweep[dashboard]'")
     return port
