@@ -190,7 +190,10 @@ def test_a_running_sweep_exports_its_trials_on_loopback(tmp_path):
     config = tmp_path / "sweep.yaml"
     config.write_text(textwrap.dedent(CONFIG))
     # Ray's report interval (10 s by default) lowered so the test sees the values soon.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), RAY_metrics_report_interval_ms="1000")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), RAY_metrics_report_interval_ms="1000",
+               # A loaded shared machine starts the node's agent slowly; the raylet waits for the metrics
+               # agent's port file this long before it gives up (and `ray.init` fails "timed out during startup").
+               RAY_agent_register_timeout_ms="300000", RAY_raylet_start_wait_time_s="300")
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "run.log"
     driver = subprocess.Popen(
