@@ -65,14 +65,6 @@ def metrics_url(port: int) -> str:
     return f"http://127.0.0.1:{port}/metrics"
 
 
-def node_metrics_port() -> Optional[int]:
-    """The metrics export port of this process's Ray node (once Ray is initialised)."""
-    import ray
-
-    node = getattr(ray._private.worker.global_worker, "node", None)
-    return getattr(node, "metrics_export_port", None) if node is not None else None
-
-
 def submission_id(experiment: str, suffix: Optional[str] = None) -> str:
     """``<experiment>-<8 hex>``: the experiment first (what the Jobs page sorts and searches by), a random
     suffix so that submitting the same name twice (a retry) does not clash with Ray's unique ids."""
