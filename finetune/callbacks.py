@@ -31,6 +31,7 @@ class TrainState:
     global_step: int = 0
     history: List[Dict[str, Any]] = field(default_factory=list)
     static_metrics: Dict[str, Any] = field(default_factory=dict)
+    running_loss: Optional[float] = None  # the epoch's mean training loss so far, set every log_interval steps
     should_stop: bool = False
     stop_reason: Optional[str] = None
 

@@ -199,6 +199,7 @@ def train_one_epoch(
                 cb.on_train_batch_end(state, i)
             if (i + 1) % cfg.log_interval == 0 or i + 1 == num_batches:
                 running = loss_sum.item() / seen  # one host sync per log interval
+                state.running_loss = running
                 bar.set_postfix(loss=f"{running:.4f}", lr=f"{_current_lr(state.optimizer):.2e}")
                 if not math.isfinite(running):
                     diverged = True

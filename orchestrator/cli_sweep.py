@@ -24,7 +24,7 @@ from .report import build_storage_report
 from .tables import console_table
 from .storage import resolve_storage
 from .submit import add_submit_arguments, submit
-from .sweep import DEFAULT_STORAGE, load_cluster_sweep, load_run_sweep, resume_sweep, run_sweep
+from .sweep import DEFAULT_STORAGE, check_export_port, load_cluster_sweep, load_run_sweep, resume_sweep, run_sweep
 
 
 def _parse_set(values: Optional[List[str]]) -> Dict[str, Any]:
@@ -87,18 +87,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     storage = resolve_storage(args.storage)  # the syntax first: no I/O
     if args.name is not None:
         check_name(args.name)  # cheap checks before the sweep's validation
+    check_export_port(args.metrics_export_port, args.address)
     check_cluster_address(args.address)
     resolved = load_run_sweep(run_source(args), run_overrides(args), address=args.address,
                               num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     outcome = run_sweep(
         resolved, storage=storage, name=args.name, address=args.address, num_cpus=args.num_cpus,
         num_gpus=args.num_gpus, overwrite=args.overwrite, loggers=args.log or (),
+        metrics_export_port=args.metrics_export_port,
     )
     return _print_outcome(outcome)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    outcome = resume_sweep(args.experiment, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    outcome = resume_sweep(args.experiment, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                           metrics_export_port=args.metrics_export_port)
     return _print_outcome(outcome)
 
 
@@ -149,6 +152,10 @@ def _local_resource_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=_positive_float, help="CPUs of the local instance (default: all)")
     parser.add_argument("--num-gpus", type=_positive_float,
                         help="GPUs of the local instance (default: CUDA devices torch sees)")
+    parser.add_argument("--metrics-export-port", metavar="PORT",
+                        help="the local instance exports Ray's and the trials' metrics (ray_vitsweep_*) in "
+                             "Prometheus format on http://127.0.0.1:PORT/metrics (1024-65535, free); a cluster: "
+                             "`ray start --metrics-export-port PORT` on each node. See docs/dashboard.md")
 
 
 def add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:

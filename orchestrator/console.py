@@ -5,6 +5,9 @@ seconds, and at the end.
 Tune's own output engine prints the whole nested config per trial and a TensorBoard hint for its
 own logger, which vitsweep turns off (`orchestrator.sweep.quiet_tune_output`); this reporter is passed
 as ``RunConfig(progress_reporter=...)``, which Tune honours with ``RAY_AIR_NEW_OUTPUT=0``.
+
+The ``pid`` column is the trial's worker process (Tune's result field): the PID of its actor on the Ray
+dashboard's Actors page and in its log file's name, ``worker-*-<PID>.out`` (docs/dashboard.md).
 """
 
 from __future__ import annotations
@@ -99,14 +102,15 @@ class SweepReporter(ProgressReporter):
         lines = [_clip(head, WIDTH)]
         lines += [_clip(s.strip(), WIDTH) for s in sys_info if "resource" in s.lower()]
         metric = _clip(self.metric, 10)
-        lines.append(f"{'trial':<{LABEL_WIDTH}} {'status':<10} {'ep':>3} {metric:>10} {'train/loss':>10} {'img/s':>8}")
+        lines.append(f"{'trial':<{LABEL_WIDTH}} {'status':<10} {'ep':>3} {metric:>10} {'train/loss':>10} {'img/s':>8} "
+                 f"{'pid':>7}")
         for t in trials:
             r = t.last_result or {}
             status = "DIVERGED" if r.get("status") == "diverged" else t.status
             lines.append(
                 f"{_clip(trial_run_label(t), LABEL_WIDTH):<{LABEL_WIDTH}} {status:<10} {_number(r.get('epoch'), 'd'):>3} "
                 f"{_number(self._score(t), '.4f'):>10} {_number(r.get('train/loss'), '.4f'):>10} "
-                f"{_number(r.get('throughput/train_img_s'), '.1f'):>8}"
+                f"{_number(r.get('throughput/train_img_s'), '.1f'):>8} {_number(r.get('pid'), 'd'):>7}"
             )
         best = self.best(trials)
         if best is not None:

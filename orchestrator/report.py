@@ -52,6 +52,24 @@ class Report:
     partial: bool = False  # written beside a richer report that was kept (`finished_in_csv`)
 
 
+def dashboard_lines(records: List[TrialRecord]) -> List[str]:
+    """Where each trial is in the Ray dashboard: its run label, Tune's trial id, and the worker process
+    (PID and node, from Tune's results) that ran its last reported epoch (docs/dashboard.md)."""
+    rows = [r for r in records if r.final.get("pid") is not None]
+    if not rows:
+        return []
+    lines = ["## Trials in the Ray dashboard", "",
+             "Each trial ran as a Tune actor (class `ImplicitFunc` on the dashboard's Actors page) in the worker "
+             "process below; its log file is `worker-*-<PID>.out` in that node's Ray session `logs/`, its console "
+             "lines are prefixed `(<label> <trial id> pid=<PID>)`, and its live metrics are the `ray_vitsweep_*` "
+             "series tagged with its `trial_id` and `label` (docs/dashboard.md).", "",
+             "| label | trial id | PID | node |", "|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r.path.name):
+        label = r.path.name[: -len(r.trial_id) - 1] if r.path.name.endswith("_" + r.trial_id) else r.label
+        lines.append(f"| {label} | `{r.trial_id}` | {r.final.get('pid')} | {r.final.get('node_ip', '')} |")
+    return lines + [""]
+
+
 def _markdown(exp_dir: Path, records: List[TrialRecord], rows: List[Row], table: str,
               plots: Dict[str, Optional[str]], uri: Optional[str], plots_dir: str = PLOTS_DIR) -> str:
     lines = [f"# Sweep comparison: {exp_dir.name}", ""]
@@ -64,6 +82,7 @@ def _markdown(exp_dir: Path, records: List[TrialRecord], rows: List[Row], table:
     errored = [r for r in records if r.error]
     if errored:
         lines += ["## Errors", ""] + [f"- `{r.trial_id}` ({r.label}): {r.error}" for r in errored] + [""]
+    lines += dashboard_lines(records)
     lines += ["## Plots", ""]
     for name, note in plots.items():
         lines.append(f"- [{plots_dir}/{name}]({plots_dir}/{name})" + (f": {note}" if note else ""))

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional
 from finetune.errors import ConfigError
 from search_spaces import ResolvedSweep
 
+from .monitoring import job_metadata, submission_id
 from .storage import Storage, check_writable, resolve_storage
 from .sweep import default_name
 
@@ -32,7 +33,7 @@ WORKING_DIR_EXCLUDES = [".git", "ray_results", "**/__pycache__", "*.egg-info", "
 # Secrets that must not travel in a job's runtime_env (the dashboard shows it to anyone who can list jobs).
 _SECRET_ENV = ("RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
 # `vitsweep run` options that `submit` sets itself or that belong to the cluster.
-_SET_BY_SUBMIT = ("--storage", "--name", "--address", "--num-cpus", "--num-gpus")
+_SET_BY_SUBMIT = ("--storage", "--name", "--address", "--num-cpus", "--num-gpus", "--metrics-export-port")
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +130,15 @@ def entrypoint(run_options: List[str], storage: Storage, name: str) -> str:
                        "--name", name])
 
 
+def source_of(run_options: List[str]) -> str:
+    """``preset:NAME`` or ``config:PATH`` (relative to the working directory) of the run options."""
+    for i, item in enumerate(run_options):
+        flag, eq, value = item.partition("=")
+        if flag in ("--preset", "--config") and (eq or i + 1 < len(run_options)):
+            return f"{flag[2:]}:{value if eq else run_options[i + 1]}"
+    return ""
+
+
 def job_server_address(address: Optional[str]) -> str:
     """--address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS when it is an http(s) URL."""
     for value in (address, os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
@@ -187,14 +197,18 @@ def submit(args: argparse.Namespace, load: Callable[[], ResolvedSweep]) -> int:
     runtime_env = {"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES}
     if env:
         runtime_env["env_vars"] = env
+    experiment = storage.join(name)
+    # What the Jobs page and `ray job list` show: an id that starts with the experiment, and metadata.
+    metadata = job_metadata(name, experiment.uri, source_of(options))
     try:
-        job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env)
+        job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env, submission_id=submission_id(name),
+                                   metadata=metadata)
     except RuntimeError as err:
         raise ConfigError(f"the job server at {address} refused the job: {err}") from None
-    experiment = storage.join(name)
     print(f"job:        {job_id}")
     print(f"results:    {experiment.uri}")
     print(f"entrypoint: {command}")
+    print("metadata:   " + "  ".join(f"{k}={v}" for k, v in metadata.items()))
     print(f"logs:       ray job logs --address {address} --follow {job_id}")
     print(f"report:     vitsweep report '{experiment.uri}' --out DIR   (then: tensorboard --logdir DIR)")
     if not args.wait:

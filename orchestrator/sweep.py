@@ -96,10 +96,13 @@ def quiet_tune_output() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
-def init_ray(address: Optional[str], num_cpus: Optional[float], num_gpus: Optional[float]) -> None:
+def init_ray(address: Optional[str], num_cpus: Optional[float], num_gpus: Optional[float],
+             metrics_export_port: Optional[int] = None) -> None:
     """Join `address` (or RAY_ADDRESS, set by ``ray job submit``), or start a local instance.
 
     A local instance binds its dashboard to 127.0.0.1, and has one only if ray[default] is installed.
+    With `metrics_export_port` (checked by `orchestrator.monitoring.check_metrics_port`) it exports its
+    metrics on http://127.0.0.1:PORT/metrics (`orchestrator.monitoring`).
     An already initialised Ray (a notebook, a test fixture) is used as it is.
     """
     import ray
@@ -115,8 +118,29 @@ def init_ray(address: Optional[str], num_cpus: Optional[float], num_gpus: Option
     # address="local": always a new instance, never a stray cluster left by `ray start` on this machine
     kwargs: Dict[str, Any] = {"address": "local", "num_cpus": num_cpus, "num_gpus": num_gpus,
                               "include_dashboard": with_dashboard}
+    if metrics_export_port is not None:
+        kwargs["_metrics_export_port"] = metrics_export_port
     with loopback_node() as loopback:  # every server of a local instance on 127.0.0.1 only
         ray.init(**kwargs, **loopback)
+    if metrics_export_port is not None:
+        from .monitoring import metrics_url
+
+        print(f"metrics:    {metrics_url(metrics_export_port)} (Prometheus; ray_vitsweep_* per trial)", flush=True)
+
+
+def check_export_port(port: Optional[int], address: Optional[str]) -> Optional[int]:
+    """A local instance's metrics export port: valid and free (`orchestrator.monitoring`), on a local
+    instance only, with ray[default] installed (Ray's metrics agent is part of the dashboard agent)."""
+    from .monitoring import check_metrics_port, metrics_port_for
+
+    port = check_metrics_port(port)
+    if port is None:
+        return None
+    metrics_port_for(port, joins_cluster(address))
+    if not dashboard_available():
+        raise ConfigError("--metrics-export-port needs Ray's metrics agent, part of ray[default]: "
+                          "pip install 'vitsweep[dashboard]'")
+    return port
 
 
 # Stands in for a data path that exists only on the cluster's nodes while the rest is validated here:
@@ -374,6 +398,7 @@ def run_sweep(
     trainable: Optional[Callable] = None,
     overwrite: bool = False,
     loggers: Sequence[str] = (),
+    metrics_export_port: Optional[int] = None,
 ) -> SweepOutcome:
     """Check the storage, start or join Ray, run the Tuner, write the report; returns where everything is.
 
@@ -383,11 +408,13 @@ def run_sweep(
     checked writable before Ray starts. An existing experiment at ``storage/name`` is refused, or with
     `overwrite` moved aside (`orchestrator.preflight.check_new_experiment`); the experiment lock is held
     from before Ray starts until the report is written. `loggers`: ``mlflow``, ``wandb`` besides
-    TensorBoard (checked first, `orchestrator.trackers.check_loggers`).
+    TensorBoard (checked first, `orchestrator.trackers.check_loggers`). `metrics_export_port`: a local
+    instance's Prometheus port on 127.0.0.1 (`orchestrator.monitoring`).
     """
     from .trackers import check_loggers
 
     loggers = check_loggers(loggers)
+    metrics_export_port = check_export_port(metrics_export_port, address)
     available = local_resources(address, num_cpus, num_gpus)
     if isinstance(sweep, SweepSpec):
         sweep = load_sweep(sweep, local_resources=available)
@@ -401,7 +428,7 @@ def run_sweep(
     exp = root.join(name)
     check_new_experiment(exp, overwrite)
     with experiment_lock(exp, "run"):
-        init_ray(address, num_cpus, num_gpus)
+        init_ray(address, num_cpus, num_gpus, metrics_export_port)
         if available is None:
             check_cluster(spec)
         trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
@@ -421,6 +448,7 @@ def resume_sweep(
     address: Optional[str] = None,
     num_cpus: Optional[float] = None,
     num_gpus: Optional[float] = None,
+    metrics_export_port: Optional[int] = None,
 ) -> SweepOutcome:
     """Continue a stopped sweep in `experiment` (``STORAGE/NAME``, a path or a URI): unfinished and
     errored trials from their last checkpoints; finished trials are not run again."""
@@ -440,9 +468,10 @@ def resume_sweep(
                           check_geometry=not marker.get("validated", True))
     trainable = load_trainable(marker.get("trainable") or DEFAULT_TRAINABLE)
     check_cluster_address(address)
+    metrics_export_port = check_export_port(metrics_export_port, address)
     with experiment_lock(exp, "resume"):
         check_tune_state(exp)  # a corrupt state would make Tune start the experiment afresh
-        init_ray(address, num_cpus, num_gpus)
+        init_ray(address, num_cpus, num_gpus, metrics_export_port)
         check_cluster(resolved.spec)
         tuner = tune.Tuner.restore(
             exp.ray_storage_path,

@@ -46,6 +46,7 @@ from finetune.errors import ConfigError, DataError
 from finetune.io_utils import copy_tree_atomically
 from finetune.train import release_device_memory, run_training
 
+from . import ray_metrics
 from .layout import ARCH_KEY, LABEL_KEY, RUN_SUBDIR, flatten_trial_config
 
 _logger = logging.getLogger(__name__)
@@ -141,8 +142,15 @@ class TuneReportCallback(Callback):
         self.defer_final = defer_final
         self.pending: Optional[Dict[str, Any]] = None  # the held-back final report: metrics, checkpoint dir
 
+    def on_fit_start(self, state: TrainState) -> None:
+        ray_metrics.announce_trial(self.label, state)  # the worker's log lines carry the trial's label
+
+    def on_train_batch_end(self, state: TrainState, batch_idx: int) -> None:
+        ray_metrics.publish_step(self.label, state)  # the running loss as a Ray gauge; no host sync
+
     def on_epoch_end(self, state: TrainState, metrics: Dict[str, Any]) -> None:
         self.reports += 1
+        ray_metrics.publish_epoch(self.label, state, metrics)  # live Ray gauges (trainables.ray_metrics)
         metrics = {**reportable(metrics), "variant_label": self.label}
         final = self.defer_final and metrics.get("status") in FINAL_STATUSES
         if metrics.get("status") == "diverged":
