@@ -32,7 +32,9 @@ from .callbacks import Callback, TrainState
 from .checkpoint import restore_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
 from .errors import ConfigError
-from .metrics import MemoryTracker, Throughput, device_peak_tflops, model_flops_utilization, topk_correct
+from .gpu_stats import matmul_precision
+from .metrics import Throughput, mfu_metrics, topk_correct
+from .profiling import track_memory
 
 _logger = logging.getLogger(__name__)
 
@@ -66,6 +68,14 @@ def resolve_precision(precision: str, device: torch.device):
             raise ConfigError(f"precision='fp16' needs a CUDA device (device is {device}); allowed here: fp32, bf16")
         return torch.float16, True
     raise ConfigError(f"precision={precision!r}; allowed: fp32, bf16, fp16")
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """fp32 matmuls and convolutions on CUDA as TF32 tensor-core ops (10-bit mantissa inputs, fp32
+    accumulation) or full fp32: process-wide torch flags, set by every run for itself."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -280,10 +290,8 @@ def _epoch_metrics(
         **memory,
         **state.static_metrics,
     }
-    peak = device_peak_tflops(device, precision)
-    if peak is not None:
-        gflops = state.static_metrics.get("cost/gflops", 0.0)
-        metrics["throughput/mfu"] = model_flops_utilization(gflops, metrics["throughput/train_img_s"], peak)
+    metrics.update(mfu_metrics(device, precision, state.static_metrics.get("cost/gflops", 0.0),
+                               metrics["throughput/train_img_s"]))
     return metrics
 
 
@@ -343,6 +351,7 @@ def fit(
     """
     device = device or resolve_device(cfg.device)
     autocast_dtype, use_scaler = resolve_precision(cfg.precision, device)
+    set_tf32(device, cfg.tf32)
     model.to(device)
     forward_model = torch.compile(model) if cfg.compile else model
 
@@ -372,18 +381,23 @@ def fit(
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)  # the epoch's order depends on (seed, epoch) alone
         epoch_start = time.perf_counter()
-        with MemoryTracker(device) as memory:  # peak over training and evaluation
+
+        @track_memory(device=device)  # peak over training and evaluation
+        def train_and_evaluate():
             train, diverged = train_one_epoch(
                 state, forward_model, train_loader, criterion, cfg, device=device, num_batches=num_batches,
                 num_classes=num_classes, autocast_dtype=autocast_dtype, mixup=mixup,
                 batch_transform=train_batch_transform, callbacks=callbacks, progress=progress,
             )
             if diverged:
-                val = diverged_val_metrics(cfg.topk)
-            else:
-                val = evaluate(forward_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, eval_batch_transform)
+                return train, diverged_val_metrics(cfg.topk), diverged
+            val = evaluate(forward_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, eval_batch_transform)
+            return train, val, diverged
+
+        (train, val, diverged), memory = train_and_evaluate()
         state.epoch += 1
-        metrics = _epoch_metrics(state, train, val, memory.metrics(), time.perf_counter() - epoch_start, device, cfg.precision)
+        metrics = _epoch_metrics(state, train, val, memory.metrics(), time.perf_counter() - epoch_start, device,
+                                 matmul_precision(cfg.precision, cfg.tf32))
         if diverged:
             state.should_stop, state.stop_reason = True, "diverged"
         status = "diverged" if diverged else ("finished" if state.epoch >= cfg.epochs else "running")
