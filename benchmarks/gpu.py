@@ -25,7 +25,6 @@ one-block model, tiny images and the `aot_eager` compile backend (what the test 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

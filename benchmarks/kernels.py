@@ -15,7 +15,6 @@ on a small CPU); forward and backward compared with eager.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any, Dict, List, Optional
 
