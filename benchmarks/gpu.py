@@ -114,10 +114,25 @@ def _steps(state, model, images, target, n: int, dtype) -> None:
         train_step(state, model, images, target, criterion, dtype, clip_grad=1.0)
 
 
-def run_sync(args, report: Report, left: Callable[[], float]) -> None:
-    """Three bf16 training steps per variant under sync debug mode "error"."""
+def sync_check(args, variant: str) -> str:
+    """"ok", or "host sync: ..." for the first sync in 3 bf16 steps after a warm-up step."""
     import torch
 
+    model, state, images, target = _setup(args, variant, 32 if args.tiny else 224, 8)
+    _steps(state, model, images, target, 1, torch.bfloat16)  # warm-up: lazy init may sync once
+    _sync(images.device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _steps(state, model, images, target, 3, torch.bfloat16)
+    except RuntimeError as err:
+        return "host sync: " + (str(err).strip().splitlines() or [""])[0][:200]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return "ok"
+
+
+def run_sync(args, report: Report, left: Callable[[], float]) -> None:
+    """Three bf16 training steps per variant under sync debug mode "error"."""
     if not args.device.startswith("cuda"):
         report.skip("sync", "needs CUDA (torch.cuda.set_sync_debug_mode)")
         return
@@ -125,18 +140,10 @@ def run_sync(args, report: Report, left: Callable[[], float]) -> None:
         if left() <= 0:
             report.skip(f"sync {variant}", "section time cap")
             continue
-        size = 32 if args.tiny else 224
-        model, state, images, target = _setup(args, variant, size, 8)
-        _steps(state, model, images, target, 1, torch.bfloat16)  # warm-up: lazy init may sync once
-        _sync(images.device)
-        torch.cuda.set_sync_debug_mode("error")
         try:
-            _steps(state, model, images, target, 3, torch.bfloat16)
-            outcome = "ok"
-        except RuntimeError as err:
-            outcome = "host sync: " + str(err).strip().splitlines()[0][:200]
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+            outcome = sync_check(args, variant)
+        except Exception as err:  # a variant that fails outside the check: recorded, the run goes on
+            outcome = f"error: {type(err).__name__}: {str(err).strip()[:200]}"
         report.data["sync"][variant] = outcome
         report.save()
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from benchmarks.gpu import VARIANTS, _setup, _steps
+from benchmarks.gpu import VARIANTS, _setup, sync_check
 from finetune.config import TrainConfig
 from finetune.loop import train_one_epoch
 
@@ -19,16 +19,7 @@ TINY = argparse.Namespace(device="cuda", tiny=True, model="vit_tiny_patch16_224"
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_training_step_makes_no_host_sync(variant):
-    model, state, images, target = _setup(TINY, variant, 32, 8)
-    _steps(state, model, images, target, 1, torch.bfloat16)  # lazy initialisation may sync once
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        _steps(state, model, images, target, 3, torch.bfloat16)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
-    assert state.global_step == 4
+    assert sync_check(TINY, variant) == "ok"
 
 
 def _epoch_syncs(batches: int) -> int:
