@@ -381,20 +381,16 @@ def fit(
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)  # the epoch's order depends on (seed, epoch) alone
         epoch_start = time.perf_counter()
-
-        @track_memory(device=device)  # peak over training and evaluation
-        def train_and_evaluate():
+        with track_memory(device=device) as memory:  # peak over training and evaluation
             train, diverged = train_one_epoch(
                 state, forward_model, train_loader, criterion, cfg, device=device, num_batches=num_batches,
                 num_classes=num_classes, autocast_dtype=autocast_dtype, mixup=mixup,
                 batch_transform=train_batch_transform, callbacks=callbacks, progress=progress,
             )
             if diverged:
-                return train, diverged_val_metrics(cfg.topk), diverged
-            val = evaluate(forward_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, eval_batch_transform)
-            return train, val, diverged
-
-        (train, val, diverged), memory = train_and_evaluate()
+                val = diverged_val_metrics(cfg.topk)
+            else:
+                val = evaluate(forward_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, eval_batch_transform)
         state.epoch += 1
         metrics = _epoch_metrics(state, train, val, memory.metrics(), time.perf_counter() - epoch_start, device,
                                  matmul_precision(cfg.precision, cfg.tf32))

@@ -110,30 +110,46 @@ def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _decorator(make: Callable[..., Callable], fn: Optional[Callable], options: Dict[str, Any]):
-    """``@deco``, ``@deco(**options)`` and ``deco(fn, **options)`` alike."""
-    if fn is None:
-        return lambda f: make(f, **options)
-    if not callable(fn):
-        raise TypeError(f"expected a function to decorate, got {type(fn).__name__}: {fn!r}")
-    return make(fn, **options)
+class _TrackMemory:
+    """`track_memory(...)` with options: a decorator, and also a context manager giving the
+    `MemoryTracker` of its block (``with track_memory(device=d) as mem: ...; mem.stats``)."""
+
+    def __init__(self, device: Union[str, torch.device, None], nvml_interval_s: float):
+        self.device, self.nvml_interval_s = device, nvml_interval_s
+        self._tracker: Optional[MemoryTracker] = None
+
+    def _new_tracker(self) -> MemoryTracker:
+        return MemoryTracker(self.device if self.device is not None else _default_device(), self.nvml_interval_s)
+
+    def __call__(self, f: Callable) -> Callable[..., Tracked]:
+        if not callable(f):
+            raise TypeError(f"expected a function to decorate, got {type(f).__name__}: {f!r}")
+
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs) -> Tracked:
+            with self._new_tracker() as tracker:
+                result = f(*args, **kwargs)
+            return Tracked(result, tracker.stats)
+        return wrapper
+
+    def __enter__(self) -> MemoryTracker:
+        self._tracker = self._new_tracker().__enter__()
+        return self._tracker
+
+    def __exit__(self, *exc) -> None:
+        tracker, self._tracker = self._tracker, None
+        if tracker is not None:
+            tracker.__exit__(*exc)
 
 
 def track_memory(fn: Optional[Callable] = None, *, device: Union[str, torch.device, None] = None,
                  nvml_interval_s: float = 0.05):
     """Decorate `fn` so each call returns ``Tracked(result, memory)``: the peak memory on `device`
     (default: the current CUDA device, else the CPU, where every figure is None) over the call, NVML
-    sampled every `nvml_interval_s` seconds."""
-
-    def make(f: Callable, device, nvml_interval_s) -> Callable[..., Tracked]:
-        @functools.wraps(f)
-        def wrapper(*args, **kwargs) -> Tracked:
-            with MemoryTracker(device if device is not None else _default_device(), nvml_interval_s) as tracker:
-                result = f(*args, **kwargs)
-            return Tracked(result, tracker.stats)
-        return wrapper
-
-    return _decorator(make, fn, {"device": device, "nvml_interval_s": nvml_interval_s})
+    sampled every `nvml_interval_s` seconds. With options only it is also a context manager:
+    ``with track_memory(device=d) as tracker:`` (a `MemoryTracker`; ``tracker.stats`` after the block)."""
+    deco = _TrackMemory(device, nvml_interval_s)
+    return deco if fn is None else deco(fn)
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -172,4 +188,8 @@ def count_flops(fn: Optional[Callable] = None, *, display: bool = False, depth: 
             return Counted(result, FlopStats(int(counter.get_total_flops()), ops))
         return wrapper
 
-    return _decorator(make, fn, {"display": display, "depth": depth})
+    if fn is None:
+        return lambda f: make(f, display, depth)
+    if not callable(fn):
+        raise TypeError(f"expected a function to decorate, got {type(fn).__name__}: {fn!r}")
+    return make(fn, display, depth)

@@ -129,6 +129,9 @@ def test_decorators_bare_with_options_and_as_calls():
     assert forward.__name__ == "forward"  # functools.wraps
     with pytest.raises(TypeError, match="expected a function"):
         vitsweep.track_memory(42)
+    with vitsweep.track_memory(device="cpu") as tracker:  # the form the loop uses around an epoch
+        torch.ones(4).sum()
+    assert tracker.stats == MemoryStats("cpu", None, None, None, None) and tracker.metrics()["memory/peak_nvml_mb"] is None
 
 
 def test_the_model_flop_count_goes_through_the_decorator():
