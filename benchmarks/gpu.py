@@ -333,6 +333,8 @@ def check_args(args) -> Optional[str]:
             return f"--{name.replace('_', '-')}={value!r}; allowed: a finite number > 0"
     if args.workers < 0:
         return f"--workers={args.workers}; allowed: >= 0"
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out={args.out!r} is a file; allowed: a directory (created if missing)"
     if args.device == "cpu":
         return None if args.tiny else "--device cpu runs only with --tiny (a dry run); the GPU figures need CUDA"
     if not args.device.startswith("cuda"):

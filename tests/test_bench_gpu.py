@@ -28,8 +28,11 @@ def test_without_cuda_it_exits_2_with_one_line(tmp_path, capsys):
     (["--batch", "0"], "--batch=0; allowed"),
     (["--device", "cpu"], "--device cpu runs only with --tiny"),
     (["--device", "tpu", "--tiny"], "--device='tpu'; allowed: cuda, cuda:N, or cpu with --tiny"),
+    (["--device", "cpu", "--tiny", "--out", "{tmp}/file"], "is a file; allowed: a directory"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "file").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(["bench", "gpu", "--out", str(tmp_path / "b"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
