@@ -36,7 +36,7 @@ META_FILE = "meta.json"
 # restored), so epochs beyond the original end run at min_lr.
 RESUMABLE_CHANGES = (
     "epochs", "num_workers", "log_interval", "max_train_batches", "max_val_batches", "device", "compile",
-    "eval_at_start",
+    "eval_at_start", "tf32",
 )
 _TRAINING_KEYS = ("optimizer", "rng", "epoch", "global_step")
 

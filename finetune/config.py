@@ -126,6 +126,7 @@ class TrainConfig:
     precision: str = _key("fp32", choices=PRECISIONS)
     topk: Tuple[int, ...] = _key((1, 5), ge=1, le=1000)
     compile: bool = False
+    tf32: bool = True  # fp32 matmuls/convolutions on CUDA tensor cores as TF32 (docs/gpu.md); no effect on CPU
     eval_at_start: bool = False
     max_train_batches: Optional[int] = _key(None, ge=1)
     max_val_batches: Optional[int] = _key(None, ge=1)

@@ -32,7 +32,9 @@ from .callbacks import Callback, TrainState
 from .checkpoint import restore_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
 from .errors import ConfigError
-from .metrics import MemoryTracker, Throughput, device_peak_tflops, model_flops_utilization, topk_correct
+from .gpu_stats import matmul_precision
+from .metrics import Throughput, mfu_metrics, topk_correct
+from .profiling import track_memory
 
 _logger = logging.getLogger(__name__)
 
@@ -66,6 +68,14 @@ def resolve_precision(precision: str, device: torch.device):
             raise ConfigError(f"precision='fp16' needs a CUDA device (device is {device}); allowed here: fp32, bf16")
         return torch.float16, True
     raise ConfigError(f"precision={precision!r}; allowed: fp32, bf16, fp16")
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """fp32 matmuls and convolutions on CUDA as TF32 tensor-core ops (10-bit mantissa inputs, fp32
+    accumulation) or full fp32: process-wide torch flags, set by every run for itself."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -287,10 +297,8 @@ def _epoch_metrics(
         **memory,
         **state.static_metrics,
     }
-    peak = device_peak_tflops(device, precision)
-    if peak is not None:
-        gflops = state.static_metrics.get("cost/gflops", 0.0)
-        metrics["throughput/mfu"] = model_flops_utilization(gflops, metrics["throughput/train_img_s"], peak)
+    metrics.update(mfu_metrics(device, precision, state.static_metrics.get("cost/gflops", 0.0),
+                               metrics["throughput/train_img_s"]))
     return metrics
 
 
@@ -350,6 +358,7 @@ def fit(
     """
     device = device or resolve_device(cfg.device)
     autocast_dtype, use_scaler = resolve_precision(cfg.precision, device)
+    set_tf32(device, cfg.tf32)
     model.to(device)
     forward_model = torch.compile(model) if cfg.compile else model
 
@@ -379,7 +388,7 @@ def fit(
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)  # the epoch's order depends on (seed, epoch) alone
         epoch_start = time.perf_counter()
-        with MemoryTracker(device) as memory:  # peak over training and evaluation
+        with track_memory(device=device) as memory:  # peak over training and evaluation
             train, diverged = train_one_epoch(
                 state, forward_model, train_loader, criterion, cfg, device=device, num_batches=num_batches,
                 num_classes=num_classes, autocast_dtype=autocast_dtype, mixup=mixup,
@@ -392,7 +401,8 @@ def fit(
                 diverged = not math.isfinite(val["val/loss"])  # non-finite outputs in eval only
                 val = diverged_val_metrics(cfg.topk) if diverged else val
         state.epoch += 1
-        metrics = _epoch_metrics(state, train, val, memory.metrics(), time.perf_counter() - epoch_start, device, cfg.precision)
+        metrics = _epoch_metrics(state, train, val, memory.metrics(), time.perf_counter() - epoch_start, device,
+                                 matmul_precision(cfg.precision, cfg.tf32))
         if diverged:
             state.should_stop, state.stop_reason = True, "diverged"
         status = "diverged" if diverged else ("finished" if state.epoch >= cfg.epochs else "running")

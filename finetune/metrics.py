@@ -16,14 +16,12 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from .errors import MetricError
+from .gpu_stats import peak_tflops
 from .models import readable_attention
 from .models.attention import AttentionBase
+from .profiling import NOT_AVAILABLE, MemoryTracker, count_flops as flop_counted  # noqa: F401 (re-exported)
 
 _logger = logging.getLogger(__name__)
-
-NOT_AVAILABLE = None  # memory metrics on CPU: reported as "not available", never 0
-
-
 
 # ----------------------------------------------------------------------------- accuracy
 def check_topk(topk: Sequence[int], num_classes: int) -> None:
@@ -76,16 +74,18 @@ def uncounted_attention_flops(model: torch.nn.Module) -> int:
 def count_flops(model: torch.nn.Module, img_size: Sequence[int]) -> int:
     """Forward FLOPs for one image (FlopCounterMode; 2 per multiply-add), plus the analytic count of
     what it cannot see (`uncounted_attention_flops`)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    @flop_counted
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model(x)
 
     was_training = model.training
     model.eval()
     try:
-        with readable_attention(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(_example_input(model, img_size))
+        with readable_attention(model), torch.no_grad():
+            counted = forward(_example_input(model, img_size))
     finally:
         model.train(was_training)
-    return int(counter.get_total_flops()) + uncounted_attention_flops(model)
+    return counted.flops.total + uncounted_attention_flops(model)
 
 
 def count_macs_fvcore(model: torch.nn.Module, img_size: Sequence[int]) -> Optional[int]:
@@ -273,63 +273,6 @@ def _store_counts(key: str, counts: Dict[str, Optional[int]]) -> None:
         _logger.debug("cost cache %s not writable: %s", directory, err)
 
 
-# ----------------------------------------------------------------------------- memory
-def _nvml_process_used_mb(device: torch.device) -> Optional[float]:
-    """This process's memory on `device` as the driver sees it (includes the CUDA context)."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-        pid = os.getpid()
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == pid and proc.usedGpuMemory is not None:
-                return proc.usedGpuMemory / 2**20
-        return None
-    except pynvml.NVMLError as err:
-        _logger.debug("NVML unavailable: %s", err)
-        return None
-
-
-class MemoryTracker:
-    """Peak device memory over a block: ``with MemoryTracker(device) as mem: ...; mem.metrics()``.
-
-    torch's ``max_memory_allocated`` / ``max_memory_reserved`` after ``reset_peak_memory_stats``, and
-    NVML's per-process usage. On a device without these counters every value is None ("not available").
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.peak_allocated_mb: Optional[float] = NOT_AVAILABLE
-        self.peak_reserved_mb: Optional[float] = NOT_AVAILABLE
-        self.nvml_mb: Optional[float] = NOT_AVAILABLE
-
-    @property
-    def available(self) -> bool:
-        return self.device.type == "cuda" and torch.cuda.is_available()
-
-    def __enter__(self) -> "MemoryTracker":
-        if self.available:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.available:
-            self.peak_allocated_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-            self.peak_reserved_mb = torch.cuda.max_memory_reserved(self.device) / 2**20
-            self.nvml_mb = _nvml_process_used_mb(self.device)
-
-    def metrics(self) -> Dict[str, Optional[float]]:
-        return {
-            "memory/peak_allocated_mb": self.peak_allocated_mb,
-            "memory/peak_reserved_mb": self.peak_reserved_mb,
-            "memory/peak_nvml_mb": self.nvml_mb,
-        }
-
-
 # ----------------------------------------------------------------------------- throughput
 class Throughput:
     """Images per second over a block; synchronises CUDA at both ends so the time is real."""
@@ -358,24 +301,25 @@ class Throughput:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-# Dense peak TFLOP/s by (device-name fragment, precision): the published datasheet figures.
-PEAK_TFLOPS = {
-    ("H200", "bf16"): 989.0, ("H200", "fp16"): 989.0, ("H200", "fp32"): 67.0,
-    ("H100", "bf16"): 989.0, ("H100", "fp16"): 989.0, ("H100", "fp32"): 67.0,
-    ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0, ("A100", "fp32"): 19.5,
-    ("L40S", "bf16"): 362.0, ("L4", "bf16"): 121.0, ("A10", "bf16"): 125.0,
-}
-
-
 def device_peak_tflops(device: torch.device, precision: str) -> Optional[float]:
-    """Datasheet dense peak for this GPU and precision, or None where unknown (CPUs, unlisted GPUs)."""
+    """Datasheet dense peak for this GPU and precision (bf16, fp16, tf32, fp32;
+    `finetune.gpu_stats.GPU_PEAKS`), or None where unknown (CPUs, unlisted GPUs)."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
-    for (fragment, prec), tflops in PEAK_TFLOPS.items():
-        if fragment in name and prec == precision:
-            return tflops
-    return None
+    return peak_tflops(torch.cuda.get_device_name(device), precision)
+
+
+def mfu_metrics(device: torch.device, precision: str, forward_gflops: float, train_img_s: float) -> Dict[str, object]:
+    """``throughput/mfu`` on a CUDA device (nothing on a CPU), and where the GPU is not in the peak
+    table ``throughput/mfu`` None with ``throughput/mfu_note`` naming the device."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return {}
+    peak = device_peak_tflops(device, precision)
+    if peak is None:
+        name = torch.cuda.get_device_name(device)
+        return {"throughput/mfu": None,
+                "throughput/mfu_note": f"no datasheet {precision} peak for {name!r} (finetune.gpu_stats.GPU_PEAKS)"}
+    return {"throughput/mfu": model_flops_utilization(forward_gflops, train_img_s, peak)}
 
 
 def model_flops_utilization(forward_gflops: float, train_img_s: float, peak_tflops: Optional[float]) -> Optional[float]:

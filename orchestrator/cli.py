@@ -109,7 +109,8 @@ BENCHMARKS = {
     "train": "vitsweep's training step vs a bare timm loop (same model, batch, data)",
     "data": "JPEG decode + timm augmentation vs the decode-once cache",
     "sweep": "a sweep's wall time vs the ideal (sum of trial times / concurrency)",
-    "gpu": "the prepared GPU run: S/16 and B/16 throughput and MFU, end to end, attention",
+    "gpu": "the prepared GPU run: sync check, ViT-S/16 steps (eager/compiled, 224/384 px), MFU, JPEG vs cache",
+    "kernels": "each variant's bf16/fp16 autocast error vs fp32 and its fullgraph compile (CPU)",
     "storage": "the smoke sweep with S3 storage (moto on 127.0.0.1) vs local disk, interleaved",
 }
 

@@ -89,6 +89,8 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--precision", choices=PRECISIONS, default=S, help="fp32 | bf16 (autocast) | fp16 (CUDA, GradScaler)")
     r.add_argument("--topk", type=int, nargs="+", default=S, help="top-k accuracies to report (default 1 5)")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S, help="torch.compile the model")
+    r.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=S,
+                   help="fp32 matmuls on CUDA as TF32 tensor-core ops (default on; recorded in result.json)")
     r.add_argument("--max-train-batches", type=int, default=S, help="cap batches per epoch (smoke runs)")
     r.add_argument("--max-val-batches", type=int, default=S, help="cap validation batches")
     r.add_argument("--log-interval", type=int, default=S, help="steps between progress updates (host syncs)")

@@ -71,8 +71,14 @@ def linformer_attention(
     k_proj = _project(E.to(k.dtype), k.reshape(-1, n, d)).view(lead + (E.shape[1], d))  # (B, H, k, D)
     v_proj = _project(F.to(v.dtype), v.reshape(-1, n, dv)).view(lead + (F.shape[1], dv))  # (B, H, k, Dv)
     # 1/sqrt(D) on the [k, D] projected keys, not on the [N, D] queries (exact when D is a power of 4)
-    attn = q @ (k_proj * d**-0.5).transpose(-2, -1)  # (B, H, N, k)
-    attn = attn.softmax(dim=-1)
+    k_proj = k_proj * d**-0.5
+    if q.dtype == torch.float16:
+        # fp32 island: fp16 logits overflow (inf - inf = NaN in softmax) above 65504, a scale bf16 and
+        # SDPA's fp32 accumulators survive; bf16 has fp32's range and keeps the fast path
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            attn = (q.float() @ k_proj.float().transpose(-2, -1)).softmax(dim=-1).to(v_proj.dtype)  # (B, H, N, k)
+    else:
+        attn = (q @ k_proj.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, k)
     if dropout_p > 0.0:
         attn = torch.nn.functional.dropout(attn, p=dropout_p)
     return attn @ v_proj  # (B, H, N, Dv)

@@ -83,13 +83,13 @@ class _SegmentMeans(torch.autograd.Function):
         bounds = _segment_bounds(x.shape[-2], segments, x.device)  # (m+1,)
         lengths = (bounds[1:] - bounds[:-1]).to(x.dtype)  # (m,)
         ctx.save_for_backward(bounds, lengths)
+        ctx.num_tokens = x.shape[-2]  # a Python int: the backward needs no host sync to read N
         return _segment_sums(x, bounds) / lengths[:, None]  # (..., m, D)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         bounds, lengths = ctx.saved_tensors
-        n = int(bounds[-1])
-        segment_of = torch.searchsorted(bounds[1:], torch.arange(n, device=grad.device), right=True)  # (N,)
+        segment_of = torch.searchsorted(bounds[1:], torch.arange(ctx.num_tokens, device=grad.device), right=True)  # (N,)
         return (grad / lengths[:, None]).index_select(-2, segment_of), None  # (..., N, D)
 
 

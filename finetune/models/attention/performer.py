@@ -180,9 +180,9 @@ class _FavorSoftmax(torch.autograd.Function):
         q, k, v, w, e_q, e_k, context, out, den = ctx.saved_tensors
         d, dv = q.shape[-1], v.shape[-1]  # query/key width, value width
         eps = SOFTMAX_KERNEL_EPS
-        g_full = torch.empty(grad.shape[:-1] + (dv + 1,), dtype=grad.dtype, device=grad.device)  # (b, N, Dv+1)
-        g_num = torch.div(grad, den, out=g_full[..., :dv])  # d loss / d numerator
-        g_full[..., dv:] = (g_num * out).sum(dim=-1, keepdim=True).neg_()  # d loss / d denominator
+        g_num = grad / den  # (b, N, Dv): d loss / d numerator
+        # no out= into a slice (torch.compile refuses a non-contiguous out= tensor): one cat instead
+        g_full = torch.cat([g_num, (g_num * out).sum(dim=-1, keepdim=True).neg_()], dim=-1)  # (b, N, Dv+1)
         g_eq = g_full @ context.transpose(-2, -1)  # (b, N, m)
         g_context = torch.baddbmm(g_full.sum(dim=-2, keepdim=True).mul_(eps), e_q.transpose(-2, -1), g_full)  # (b, m, Dv+1)
         g_cv = g_context[..., :dv]  # (b, m, Dv)
