@@ -42,7 +42,8 @@ def add_eval_commands(sub) -> None:
         "eval", help="evaluate saved (or swapped) weights with the training metrics",
         description="Evaluate weights on the validation split of --data: val/loss, val/acc{k}, cost/*, memory/*, "
         "throughput/eval_img_s. With --variant, the weights are swapped into that attention first (its own new "
-        "parameters start fresh): the accuracy at the swap, before fine-tuning.",
+        "parameters start fresh): the accuracy at the swap, before fine-tuning. --profile adds the inference profile "
+        "(infer/*: latency at batch 1, img/s at a large batch, peak memory at batch 1/32/64/128).",
     )
     _add_model_options(p)
     a = p.add_argument_group("attention swap")
