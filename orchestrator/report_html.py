@@ -96,14 +96,14 @@ def _pareto_figure(rows: Sequence[Row], title: str):
         points = [(panel["x"][id(r)], r) for r in ranked if isinstance(panel["x"][id(r)], (int, float))]
         for x, row in points:
             plus, minus, ci_text = _interval(row)
-            name = row_name(row)
+            name = html.escape(row_name(row))  # plotly renders names as (a subset of) HTML
             fig.add_trace(go.Scatter(
                 x=[x], y=[row.values["acc1"][0]], mode="markers", name=name, legendgroup=name,
                 showlegend=index == 0, marker={"size": 14 if row.best else 10, "symbol": "star" if row.best else "circle",
                                                "color": PALETTE[variants.index(row.variant) % len(PALETTE)]},
                 error_y={"type": "data", "symmetric": False, "array": [plus or 0.0], "arrayminus": [minus or 0.0],
                          "visible": plus is not None},
-                customdata=[[name, row.values["seeds"], ci_text, row.values["status"]]],
+                customdata=[[name, row.values["seeds"], ci_text, html.escape(row.values["status"])]],
                 hovertemplate=(f"<b>%{{customdata[0]}}</b><br>seeds: %{{customdata[1]}}<br>val acc@1: %{{y:.3f}}"
                                f"<br>95% CI: %{{customdata[2]}}<br>{html.escape(panel['axis'])}: %{{x:.4g}}"
                                "<br>status: %{customdata[3]}<extra></extra>"),
@@ -138,7 +138,7 @@ def _curves_figure(rows: Sequence[Row]):
     colour = {row_name(r): PALETTE[variants.index(r.variant) % len(PALETTE)] for r in rows}
     for name, epochs, means, stds in _curves(rows, "val/acc1"):
         fig.add_trace(go.Scatter(
-            x=epochs, y=means, mode="lines+markers", name=name, line={"color": colour.get(name)},
+            x=epochs, y=means, mode="lines+markers", name=html.escape(name), line={"color": colour.get(name)},
             error_y={"type": "data", "array": stds, "visible": any(stds)},
             hovertemplate=f"<b>{html.escape(name)}</b><br>epoch %{{x}}<br>val acc@1 %{{y:.3f}}<extra></extra>",
         ))
@@ -250,7 +250,8 @@ def _rows_json(rows: Sequence[Row]) -> str:
     from finetune.io_utils import json_safe
 
     data = [{name: get(r) for name, get in TABLE_COLUMNS} for r in rows]
-    return json.dumps(json_safe(data), default=str).replace("<", "\\u003c")
+    text = json.dumps(json_safe(data), default=str)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
 def write_html(rows: Sequence[Row], records: Sequence[TrialRecord], path: Path) -> Path:

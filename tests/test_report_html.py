@@ -119,3 +119,19 @@ def test_the_page_renders_in_headless_chromium_offline(experiment, tmp_path):
     assert fronts >= 4  # one dashed front per panel
     assert first == "nystrom m=8"  # ascending: the lowest acc@1 first (the errored trial's last epoch)
     assert (tmp_path / "comparison.png").stat().st_size > 20_000
+
+
+def test_configuration_text_cannot_inject_markup(tmp_path):
+    """A configuration's text (here a data spec that varies across trials) is escaped in the table, the
+    plots' JSON and the embedded rows: no element of the page comes from it."""
+    hostile = "synthetic:</script><img src=x onerror=alert(1)>"
+    exp = make_experiment(tmp_path, [
+        ("t0", {**cfg("softmax", epochs=2), "data": hostile}, "TERMINATED", _curve([0.3, 0.5], _infer(2.0, 900.0)),
+         None, "finished"),
+        ("t1", {**cfg("softmax", epochs=2), "data": "synthetic"}, "TERMINATED", _curve([0.3, 0.6], _infer(2.0, 900.0)),
+         None, "finished"),
+    ])
+    assert sweep_main(["report", str(exp)]) == 0
+    page = (exp / "comparison.html").read_text()
+    assert "<img src=x" not in page and "onerror=alert(1)>" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page  # shown, as text
