@@ -151,3 +151,10 @@ def test_cuda_oom_backs_off_without_failing():
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
     assert profile["infer/img_s_batch"] is not None and profile["infer/img_s_batch"] < 4096
+
+
+def test_every_numeric_profile_metric_is_declared_to_tensorboard_hparams():
+    from finetune.tb_writer import metric_names
+
+    numeric = [k for k in METRIC_KEYS if k != "infer/mem_source"] + ["memory/attn_train_analytic_mb"]
+    assert set(numeric) <= set(metric_names())
