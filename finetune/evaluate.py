@@ -11,7 +11,8 @@
   pretrained weights, or a random init, built from ``model``/``img_size``/``patch_size``/``depth``.
 
 `evaluate_source` runs `finetune.loop.evaluate` on the validation split and adds `cost_metrics` and
-the peak memory: ``val/loss``, ``val/acc{k}``, ``throughput/eval_img_s``, ``cost/*``, ``memory/*``.
+the peak memory: ``val/loss``, ``val/acc{k}``, ``throughput/eval_img_s``, ``cost/*``, ``memory/*``; with
+``profile=True`` also the inference profile ``infer/*`` (latency, throughput, memory by batch).
 """
 
 from __future__ import annotations
@@ -162,8 +163,10 @@ def evaluate_source(
     precision: str = "fp32",
     num_workers: int = 0,
     seed: int = 0,
+    profile: bool = False,
 ) -> Dict[str, Any]:
-    """Evaluate `source` on the validation split of `data`: ``{"metrics": {...}, "arch": {...}}``."""
+    """Evaluate `source` on the validation split of `data`: ``{"metrics": {...}, "arch": {...}}``.
+    `profile`: also the inference profile (``infer/*``, `finetune.inference_profile`) on `device`."""
     from .data import build_data, build_loaders
 
     if batch_size < 1 or (max_batches is not None and max_batches < 1) or num_workers < 0:
@@ -186,6 +189,10 @@ def evaluate_source(
     with MemoryTracker(dev) as memory:
         val = evaluate(model, val_loader, dev, topk, autocast_dtype, max_batches, bundle.eval_batch_transform)
     metrics = {**val, **memory.metrics(), **static}
+    if profile:
+        from .inference_profile import inference_profile
+
+        metrics.update(inference_profile(model, preprocessing.input_size, dev, autocast_dtype))
     return {"metrics": metrics, "arch": arch, "data": {"spec": data, "num_classes": bundle.num_classes,
                                                        "val_size": len(bundle.val)},
             "weights": str(resolve_weights_path(source.weights)) if source.weights else None}

@@ -66,7 +66,10 @@ def metric_names(topk: Iterable[int] = (1, 5), eval_at_start: bool = False) -> l
     names = ["train/loss", "val/loss", *(f"val/acc{k}" for k in topk), "lr", "throughput/train_img_s",
              "throughput/eval_img_s", "throughput/mfu", "time/epoch_s", "cost/params", "cost/trainable_params",
              "cost/gflops", "cost/gmacs", "memory/peak_allocated_mb", "memory/peak_reserved_mb",
-             "memory/peak_nvml_mb"]
+             "memory/peak_nvml_mb", "memory/attn_train_analytic_mb",
+             # the inference profile of the last epoch (finetune.inference_profile.METRIC_KEYS, the numeric ones)
+             "infer/latency_b1_ms", "infer/img_s", "infer/img_s_batch",
+             *(f"infer/peak_mem_b{b}_mb" for b in (1, 32, 64, 128)), "infer/profile_s"]
     if eval_at_start:
         names += ["swap/loss", *(f"swap/acc{k}" for k in topk)]
     return names

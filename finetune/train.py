@@ -21,6 +21,7 @@ import torch
 from .callbacks import Callback, TrainState
 from .config import TrainConfig
 from .errors import AttentionConfigError, ConfigError, TrainingOOMError
+from .inference_profile import InferenceProfileCallback, analytic_memory_metrics
 from .io_utils import write_json
 from .loop import fit, resolve_device, resolve_precision, seed_everything
 from .metrics import MetricError, check_topk, cost_metrics
@@ -194,6 +195,7 @@ def run_training(
         drop_path=cfg.drop_path,
     )
     static = cost_metrics(model, preprocessing.input_size[1:], cache=True)  # once per architecture
+    static.update(analytic_memory_metrics(model, cfg.batch_size, resolve_precision(cfg.precision, device)[0]))
     train_loader, val_loader = build_loaders(bundle, cfg.batch_size, cfg.num_workers, device, cfg.seed)
 
     callbacks: List[Callback] = list(callbacks)
@@ -211,6 +213,8 @@ def run_training(
         callbacks.insert(0, TensorBoardCallback(writer))
         if local_checkpoints:
             callbacks.insert(0, LocalCheckpointCallback(out / "checkpoint"))
+    # First: the final epoch's metrics gain infer/* before TensorBoard, checkpoints and Ray's report see them.
+    callbacks.insert(0, InferenceProfileCallback(preprocessing.input_size, device, resolve_precision(cfg.precision, device)[0]))
     oom_message = None
     try:
         result = fit(

@@ -41,10 +41,11 @@ def _print_where(uri: str, local_dir: Path, report, uploaded) -> None:
     """Where the experiment and its report are, and how to look at them."""
     print(f"experiment: {uri}")
     if uploaded is None:  # built in place
-        print(f"report:     {report.markdown_path}  {report.csv_path}  {report.directory / 'plots'}")
+        print(f"report:     {report.markdown_path}  {report.csv_path}  {report.markdown_path.with_suffix('.html')}  "
+              f"{report.directory / 'plots'}")
     else:
         where = "uploaded to the experiment" if uploaded is True else str(uploaded)
-        print(f"report:     comparison.md, comparison.csv, plots/ ({where})")
+        print(f"report:     comparison.md, comparison.csv, comparison.html, plots/ ({where})")
         print(f"local copy: {local_dir} (tables, plots, results, TensorBoard events; no checkpoints)")
     print(f"tensorboard --logdir {local_dir} --host 127.0.0.1")
 
@@ -203,7 +204,7 @@ def add_sweep_commands(subparsers) -> None:
     resume.set_defaults(func=_guarded(cmd_resume))
 
     report = subparsers.add_parser(
-        "report", help="rebuild comparison.md/.csv and plots of an experiment, from a directory or a URI",
+        "report", help="rebuild comparison.md/.csv/.html and plots of an experiment, from a directory or a URI",
         description="Rebuild the comparison table and plots from what the experiment holds, on any machine that "
                     "can read it. A URI's small files (tables, plots, results, TensorBoard events; no "
                     "checkpoints) are copied to --out (default: a new temp directory), the report is built "
@@ -224,7 +225,7 @@ def add_sweep_commands(subparsers) -> None:
 
 def run_help() -> str:
     return ("Validate the sweep (every fixed value, both ends of every range) before Ray starts, then run it "
-            "with Ray Tune and write comparison.md, comparison.csv and plots/ into the experiment directory.")
+            "with Ray Tune and write comparison.md, comparison.csv, comparison.html and plots/ into the experiment directory.")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -45,7 +45,8 @@ def add_eval_commands(sub) -> None:
         "eval", help="evaluate saved (or swapped) weights with the training metrics",
         description="Evaluate weights on the validation split of --data: val/loss, val/acc{k}, cost/*, memory/*, "
         "throughput/eval_img_s. With --variant, the weights are swapped into that attention first (its own new "
-        "parameters start fresh): the accuracy at the swap, before fine-tuning.",
+        "parameters start fresh): the accuracy at the swap, before fine-tuning. --profile adds the inference profile "
+        "(infer/*: latency at batch 1, img/s at a large batch, peak memory at batch 1/32/64/128).",
     )
     _add_model_options(p)
     a = p.add_argument_group("attention swap")
@@ -56,6 +57,9 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--topk", type=int, nargs="+", default=[1, 5], help="top-k accuracies (default 1 5)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast precision")
+    p.add_argument("--profile", action="store_true",
+                   help="also the inference profile: latency at batch 1, img/s at a large batch, peak memory at "
+                   "batch 1/32/64/128 (infer/*; measured on CUDA, analytic on CPU)")
     p.add_argument("--out", metavar="DIR", help="also write DIR/eval.json and TensorBoard scalars in DIR/tb")
     p.set_defaults(func=_eval)
 
@@ -132,7 +136,7 @@ def _eval(args: argparse.Namespace) -> int:
     describe_source(source)  # refuse bad weights / variant / --attn before any data is built
     result = evaluate_source(source, args.data, batch_size=args.batch_size, max_batches=args.max_batches,
                              topk=tuple(args.topk), device=args.device, precision=args.precision,
-                             num_workers=args.num_workers, seed=args.seed)
+                             num_workers=args.num_workers, seed=args.seed, profile=args.profile)
     if target is not None:
         from finetune.io_utils import write_json
         from finetune.tb_writer import TBWriter

@@ -3,8 +3,9 @@
 Nothing is re-run and Ray is not started. An experiment in an object store is reported from a local
 copy of its small files (`report_storage`): the report is built there and uploaded back. `results` reads the trials, `tables` groups them into one
 row per configuration (trials that differ only in ``seed``; mean ± std over seeds), `plots` draws
-them. Outputs in the experiment directory: ``comparison.md``, ``comparison.csv`` and ``plots/*.png``
-(accuracy vs GMACs, accuracy vs peak memory, throughput per variant, learning curves).
+them, `report_html` writes the interactive page. Outputs in the experiment directory: ``comparison.md``,
+``comparison.csv``, ``comparison.html`` and ``plots/*.png`` (accuracy vs GMACs, accuracy vs peak memory,
+throughput per variant, learning curves).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from finetune.io_utils import atomic_path
 from finetune.outputs import OutputDir, check_output_dir
 
 from .plots import write_plots
+from .report_html import write_html
 from .results import MARKER, TrialRecord, collect_trials
 from .storage import Storage
 from .tables import Row, build_rows, markdown_table, write_csv
@@ -32,6 +34,7 @@ __all__ = ["MARKER", "Report", "report_storage", "write_report"]
 _logger = logging.getLogger(__name__)
 
 REPORT_FILES = ("comparison.md", "comparison.csv")
+HTML_FILE = "comparison.html"  # uploaded with the report; not a report input (4-5 MB: plotly.js inside)
 PLOTS_DIR = "plots"
 # What a report (and TensorBoard) needs from an experiment: Tune's state and logs, each trial's params,
 # run/result.json, error and TensorBoard events; never checkpoints or weights.
@@ -83,7 +86,9 @@ def _markdown(exp_dir: Path, records: List[TrialRecord], rows: List[Row], table:
     if errored:
         lines += ["## Errors", ""] + [f"- `{r.trial_id}` ({r.label}): {r.error}" for r in errored] + [""]
     lines += dashboard_lines(records)
-    lines += ["## Plots", ""]
+    page = f"comparison{plots_dir[len(PLOTS_DIR):]}.html"
+    lines += ["## Plots", "", f"- [{page}]({page}): interactive Pareto fronts (acc@1 vs GFLOPs, training memory, "
+              "inference latency and img/s), learning curves and a sortable table; self-contained, opens offline"]
     for name, note in plots.items():
         lines.append(f"- [{plots_dir}/{name}]({plots_dir}/{name})" + (f": {note}" if note else ""))
     lines += ["", "## Logs", "",
@@ -113,6 +118,7 @@ def write_report(exp_dir: str | Path, *, uri: Optional[str] = None) -> Report:
     csv_path = exp_dir / f"comparison{suffix}.csv"
     with atomic_path(csv_path) as tmp:
         write_csv(rows, Path(tmp))
+    write_html(rows, records, exp_dir / f"comparison{suffix}{Path(HTML_FILE).suffix}")
     md_path = exp_dir / f"comparison{suffix}.md"
     with atomic_path(md_path) as tmp:
         Path(tmp).write_text(_markdown(exp_dir, records, rows, table, plots, uri, plots_dir))
@@ -212,7 +218,7 @@ def build_storage_report(exp: Storage, out: Optional[str | Path] = None) -> Stor
     exp.download_dir("", local, include=is_report_input)
     report = write_report(local, uri=None if exp.is_local else exp.uri)
     try:
-        for name in REPORT_FILES:
+        for name in (*REPORT_FILES, HTML_FILE):
             exp.write_bytes(name, (local / name).read_bytes())
         if (local / PLOTS_DIR).is_dir():
             exp.upload_dir(local / PLOTS_DIR, PLOTS_DIR)

@@ -52,6 +52,63 @@ LEGEND = (
     "either side."
 )
 
+# The inference profile (finetune.inference_profile): table column -> metric. Latency and img/s are
+# means over seeds; the batch of img/s, the memory figures and their source come from the first trial.
+INFER_COLUMNS = {"infer_latency_ms": "infer/latency_b1_ms", "infer_img_s": "infer/img_s",
+                 **{f"infer_mem_b{b}": f"infer/peak_mem_b{b}_mb" for b in (1, 32, 64, 128)},
+                 "infer_mem_source": "infer/mem_source"}
+INFER_HEADERS = {"infer_latency_ms": "infer latency b1 (ms)", "infer_img_s": "infer img/s (batch)",
+                 **{f"infer_mem_b{b}": f"infer peak mem b{b} (MB)" for b in (1, 32, 64, 128)},
+                 "infer_mem_source": "infer mem"}
+HEADERS.update(INFER_HEADERS)
+# comparison.csv: the unformatted inference columns (appended after CSV_COLUMNS)
+INFER_CSV = {"infer_latency_b1_ms": "infer/latency_b1_ms", "infer_img_s": "infer/img_s",
+             "infer_img_s_batch": "infer/img_s_batch",
+             **{f"infer_peak_mem_b{b}_mb": f"infer/peak_mem_b{b}_mb" for b in (1, 32, 64, 128)},
+             "infer_mem_source": "infer/mem_source"}
+INFER_LEGEND = (
+    "infer: the inference profile, measured once per trial after its last epoch on the trial's device (eval mode, "
+    "inference_mode, the trial's precision): latency = median of timed batch-1 forwards; img/s at the batch in "
+    "parentheses (CUDA: the largest power of two that fits; CPU: a fixed 32); peak mem at batch 1/32/64/128 = "
+    "weights + activations, measured on CUDA (infer mem: cuda) or from the analytic model on CPU (infer mem: "
+    "analytic); n/a: the trial did not finish (stopped early, diverged, errored) or did not fit."
+)
+
+
+def _seed_mean(trials: Sequence[TrialRecord], key: str) -> Optional[float]:
+    values = [float(t.final[key]) for t in trials if isinstance(t.final.get(key), (int, float))
+              and not isinstance(t.final.get(key), bool)]
+    return sum(values) / len(values) if values else None
+
+
+def infer_values(trials: Sequence[TrialRecord]) -> Dict[str, Any]:
+    """A configuration's inference columns (`INFER_COLUMNS`) and the batch of its img/s."""
+    values: Dict[str, Any] = {c: _first(trials, m) for c, m in INFER_COLUMNS.items()}
+    values["infer_latency_ms"] = _seed_mean(trials, "infer/latency_b1_ms")
+    values["infer_img_s"] = _seed_mean(trials, "infer/img_s")
+    values["infer_img_s_batch"] = _first(trials, "infer/img_s_batch")
+    return values
+
+
+def _format_infer(column: str, value: Any, row_values: Dict[str, Any]) -> str:
+    if value is None:
+        return "n/a"
+    if column == "infer_mem_source":
+        return str(value)
+    if column == "infer_img_s":
+        batch = row_values.get("infer_img_s_batch")
+        return f"{value:.1f}" + (f" (b{batch})" if batch is not None else "")
+    return f"{value:.2f}" if column == "infer_latency_ms" else f"{value:.1f}"
+
+
+def _with_infer_columns(columns: List[str], rows: Sequence["Row"]) -> List[str]:
+    """The inference columns before "epochs", when any row has an inference profile."""
+    if not any(r.values.get("infer_mem_source") is not None or r.values.get("infer_latency_ms") is not None
+               for r in rows):
+        return columns
+    at = columns.index("epochs") if "epochs" in columns else len(columns)
+    return columns[:at] + list(INFER_COLUMNS) + columns[at:]
+
 
 def t_quantile(dof: float) -> float:
     """The 97.5 % quantile of Student's t with `dof` degrees of freedom (fractional: Welch)."""
@@ -100,6 +157,8 @@ class Row:
     best: bool = False
 
     def cell(self, column: str) -> str:
+        if column in INFER_COLUMNS:
+            return _format_infer(column, self.values.get(column), self.values)
         return _format(column, self.values.get(column))
 
 
@@ -195,6 +254,7 @@ def build_rows(records: Sequence[TrialRecord]) -> List[Row]:
                 "train_img_s": mean_std["train_img_s"][0],
                 "epochs": f"{epochs[0]}" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}",
                 "status": _status_summary(trials),
+                **infer_values(trials),
             },
         ))
     _mark_best(rows)
@@ -269,6 +329,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
     trial reports ``swap/acc1``."""
     with_swap = any(r.values.get("swap_acc1", (None, None))[0] is not None for r in rows)
     columns = [c for c in COLUMNS if c != "swap_acc1" or with_swap]
+    columns = _with_infer_columns(columns, rows)
     lines = ["| " + " | ".join(HEADERS[c] for c in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = [row.cell(c).replace("|", "\\|") for c in columns]
@@ -277,6 +338,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     legend = LEGEND + (" acc@1 at swap: the model evaluated before its first training step (eval_at_start), "
                        "mean ± std over seeds." if with_swap else "")
+    legend += (" " + INFER_LEGEND) if INFER_COLUMNS.keys() & set(columns) else ""
     lines += ["", legend, "", budget_line(rows)]
     return "\n".join(lines)
 
@@ -291,7 +353,15 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
          *r.values.get("swap_acc1", (None, None)))
         for r in rows
     ], columns=list(CSV_COLUMNS), dtype=object)
+    for column, metric in INFER_CSV.items():
+        table[column] = pd.Series([_infer_csv_value(r, metric) for r in rows], dtype=object)
     table.to_csv(path, index=False, lineterminator="\r\n")
+
+
+def _infer_csv_value(row: Row, metric: str) -> Any:
+    if metric in ("infer/latency_b1_ms", "infer/img_s"):
+        return _seed_mean(row.trials, metric)
+    return _first(row.trials, metric)
 
 
 def pareto_front(points: Sequence[tuple]) -> List[int]:

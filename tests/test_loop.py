@@ -10,7 +10,7 @@ from finetune.checkpoint import CheckpointError, read_checkpoint
 from finetune.config import TrainConfig
 from finetune.train import run_training
 
-VOLATILE = ("time/", "throughput/")
+VOLATILE = ("time/", "throughput/", "infer/")  # infer/: the timed inference profile
 
 
 def _stable(history):

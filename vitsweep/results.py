@@ -87,7 +87,8 @@ def load_results(experiment: str | os.PathLike, history: bool = False) -> pd.Dat
     ``variant``, ``seed``, ``status`` (finished, stopped early, errored: ..., diverged, unfinished),
     every config key flat (a variant's hyperparameters are columns of their own: ``rank``,
     ``dilation``, ...; lists as tuples), the final epoch's metrics under their names (``val/acc1``,
-    ``cost/gflops``, ``memory/peak_allocated_mb``, ``epoch``; the schedule's last learning rate as
+    ``cost/gflops``, ``memory/peak_allocated_mb``, the inference profile ``infer/latency_b1_ms``,
+    ``infer/img_s``, ``infer/peak_mem_b64_mb``, ``infer/mem_source``, ...; ``epoch``; the schedule's last learning rate as
     ``lr_schedule``), ``error``, ``num_failures``, ``path`` (the trial directory) and ``weights`` (its
     weights file, or None). Missing and non-finite values are NaN/None.
 
