@@ -53,6 +53,11 @@ def _print_outcome(outcome) -> int:
     report = outcome.report
     print()
     print(console_table(report.rows))
+    errored = [r for r in report.records if r.error]
+    for record in errored[:10]:  # why, in full: the table has room for "errored" only
+        print(f"error: {record.label} ({record.trial_id}): {record.error}")
+    if len(errored) > 10:
+        print(f"error: ... and {len(errored) - 10} more (comparison.md, section Errors)")
     print()
     uploaded = None if outcome.experiment.is_local else True
     _print_where(outcome.experiment.uri, outcome.experiment_dir, report, uploaded)
