@@ -81,6 +81,7 @@ def run_overrides(args: argparse.Namespace) -> SweepOverrides:
         searcher=args.searcher,
         max_failures=args.max_failures,
         fixed=_parse_set(args.set),
+        data_cache_dir=args.data_cache,
     )
 
 
@@ -177,6 +178,11 @@ def add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="also log every trial to mlflow and/or wandb (repeatable or comma-separated; TensorBoard "
                           "is always written): the same hyperparameters and metric names as TensorBoard. MLflow "
                           "uses MLFLOW_TRACKING_URI, W&B WANDB_PROJECT (default vitsweep) and WANDB_MODE=offline")
+    run.add_argument("--data-cache", metavar="DIR|off",
+                     help="where the sweep's decode-once cache of its data lives (sweeps with data_cache: the "
+                          "imagenet100 and scaling presets; built once by the driver before any trial, then reused). "
+                          "Default: $VITSWEEP_DATA_CACHE or ~/.cache/vitsweep/data; on a cluster a path every node "
+                          "mounts is required. off: every trial reads the source itself (decodes JPEGs)")
     _local_resource_flags(run)
     return run
 

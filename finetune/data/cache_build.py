@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..errors import DataError
 from ..io_utils import sha256_file, write_json
-from .cache import FORMAT, LAYOUT, MANIFEST, SPLITS, VERSION
+from .cache import FORMAT, LAYOUT, MANIFEST, SPLITS, VERSION, read_manifest
 from .images import to_rgb
 from .sources import build_sources
 from .spec import parse_data_spec
@@ -199,6 +199,7 @@ def build_cache(
     progress: bool = False,
     shard_size: int = DEFAULT_SHARD_SIZE,
     log: Optional[Callable[[str], None]] = None,
+    exist_ok: bool = False,
 ) -> Dict[str, Any]:
     """Decode every train and val image of SPEC once into a cache at `out_dir`; returns the manifest.
 
@@ -212,6 +213,8 @@ def build_cache(
         progress: a progress bar per split (else a line every few seconds through `log`).
         shard_size: images per shard, the unit an interrupted build keeps.
         log: where messages and progress lines go (default: stderr).
+        exist_ok: a complete cache at `out_dir` (built by a build this one waited for) is returned
+            instead of refused; the caller checks that it is the cache it wants.
     """
     if not 8 <= size <= 4096:
         raise DataError(f"cache size={size} must be in [8, 4096] (256 for 224 px models)")
@@ -223,6 +226,8 @@ def build_cache(
         raise DataError(f"shard_size={shard_size!r} must be an integer in [1, 1000000]")
     log = log or _stderr_line
     out = Path(out_dir).expanduser()
+    if exist_ok and (out / MANIFEST).is_file():
+        return read_manifest(out)
     _check_free(out)
     resize = SquareResize(size)
     train, val, names, skipped = build_sources(spec, resize, resize, skip_bad_images=skip_bad_images, seed=seed)
@@ -231,7 +236,9 @@ def build_cache(
             "skip_bad_images": skip_bad_images, "shard_size": shard_size, "class_names": list(names),
             "counts": {"train": len(train), "val": len(val)}}
     with build_lock(out, log):
-        _check_free(out)  # another build may have finished it while this one waited
+        if exist_ok and (out / MANIFEST).is_file():  # another build finished it while this one waited
+            return read_manifest(out)
+        _check_free(out)
         start = time.perf_counter()
         work = work_dir(out)
         done = _resume_state(work, plan, log)
