@@ -115,7 +115,7 @@ def test_a_logical_gpu_without_cuda_fails_the_trial_unless_it_asks_for_the_cpu(r
     by_device = {r.config["device"]: r for r in outcome.report.records}
     auto, cpu = by_device["auto"], by_device["cpu"]
     assert auto.status.startswith("errored") and "CUDA is missing" in auto.error, auto.error
-    assert "CUDA_VISIBLE_DEVICES=" in auto.error and re.search(r"on node [0-9.]+ \(node id [0-9a-f]+", auto.error)
+    assert "CUDA_VISIBLE_DEVICES=" in auto.error and re.search(r"on node [0-9.]+ \(CUDA_VISIBLE_DEVICES='0', node id [0-9a-f]+", auto.error)
     assert not (auto.path / "run" / "result.json").exists()  # it trained nothing
     assert cpu.status == "finished", cpu.error
     run = json.loads((cpu.path / "run" / "result.json").read_text())

@@ -33,3 +33,13 @@ def test_run_with_a_gpu_per_trial_and_no_cuda_trains_nothing_on_the_cpu(tmp_path
     exp = tmp_path / "results" / "nocuda"
     assert not list(exp.glob("*/run/result.json"))  # no trial finished, on the CPU or anywhere
     assert "CUDA is missing" in (exp / "comparison.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA device")
+def test_train_on_cuda_n_makes_it_the_current_device(tmp_path, tiny_config):
+    from finetune.config import TrainConfig
+    from finetune.train import run_training
+
+    index = torch.cuda.device_count() - 1
+    run_training(TrainConfig.from_dict({**tiny_config, "epochs": 1, "device": f"cuda:{index}"}), progress=False)
+    assert torch.cuda.current_device() == index

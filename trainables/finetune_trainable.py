@@ -109,7 +109,7 @@ def check_placement(cfg: TrainConfig, node: Dict[str, str]) -> None:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     raise ConfigError(
         f"CUDA is missing: Ray assigned GPU {', '.join(str(g) for g in gpu_ids)} to this trial on node "
-        f"{node['node_ip']} (node id {node['node_id']}, CUDA_VISIBLE_DEVICES={visible!r}) but torch "
+        f"{node['node_ip']} (CUDA_VISIBLE_DEVICES={visible!r}, node id {node['node_id']}) but torch "
         f"{torch.__version__} (CUDA build {torch.version.cuda}) sees no CUDA device there, and device={cfg.device!r} "
         "would train on the CPU. Install a CUDA build of torch and a matching driver on that node, or set "
         "device: cpu to train on the CPU on purpose"
