@@ -254,24 +254,7 @@ def build_cache(
             # Bad data, not an interruption: a rerun (e.g. with --skip-bad-images) is another plan anyway.
             shutil.rmtree(work, ignore_errors=True)
             raise
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "source": spec,
-            "seed": plan["seed"],
-            "class_names": list(names),
-            "num_classes": len(names),
-            "size": size,
-            "layout": LAYOUT,
-            "dtype": "uint8",
-            "label_dtype": "int64",
-            "resize": f"shorter side to {size} (bicubic), centre crop {size}x{size}",
-            "splits": splits,
-            "skipped_images": skipped,
-            "total_bytes": sum(f["bytes"] for s in splits.values() for f in (s["images"], s["labels"])),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "build_seconds": round(time.perf_counter() - start, 3),
-        }
+        manifest = _manifest(plan, splits, skipped, time.perf_counter() - start)
         with open(work / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
             f.flush()
@@ -282,6 +265,28 @@ def build_cache(
             out.rmdir()  # empty (checked above); rename needs the name free
         os.rename(work, out)
     return manifest
+
+
+def _manifest(plan: Dict[str, Any], splits: Dict[str, Any], skipped: int, seconds: float) -> Dict[str, Any]:
+    size = plan["size"]
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": plan["source"],
+        "seed": plan["seed"],
+        "class_names": plan["class_names"],
+        "num_classes": len(plan["class_names"]),
+        "size": size,
+        "layout": LAYOUT,
+        "dtype": "uint8",
+        "label_dtype": "int64",
+        "resize": f"shorter side to {size} (bicubic), centre crop {size}x{size}",
+        "splits": splits,
+        "skipped_images": skipped,
+        "total_bytes": sum(f["bytes"] for s in splits.values() for f in (s["images"], s["labels"])),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(seconds, 3),
+    }
 
 
 def _check_free(out: Path) -> None:
