@@ -101,6 +101,7 @@ def test_on_a_cluster_trials_on_both_nodes_read_the_shared_cache(tmp_path):
 
     cache = tmp_path / "shared" / "cache"  # one filesystem here: what an NFS mount is on a real cluster
     sweep = _sweep_yaml(tmp_path, cache, resources={"cpu": 1, "gpu": 0})
+    (tmp_path / "cluster").mkdir()
     with local_cluster(tmp_path / "cluster") as cluster:
         proc = _run(["--config", str(sweep), "--storage", str(tmp_path / "r"), "--name", "c"], env=cluster.env)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
