@@ -4,8 +4,9 @@ layout and the reasons for it are in `finetune.data.cache`, which reads it back.
 
 Writing is atomic and resumable. Everything goes to a work directory beside DIR
 (``.<name>.partial``) that is renamed to DIR at the end, so an interrupted build never leaves a half
-cache under DIR. Images are decoded in shards of `shard_size` images; after each shard the memory-mapped
-arrays are flushed and ``progress.json`` records the shard as done (atomically). A build of the same
+cache under DIR. Images are decoded in shards of `shard_size` images, written with `os.pwrite` at their
+fixed offsets in preallocated ``.npy`` files; after each shard the files are fsynced and
+``progress.json`` records the shard as done (atomically). A build of the same
 plan (source, size, seed, counts, class names, shard size) started again continues from the shards
 already done; any other plan starts afresh. A build that fails on bad data removes its work directory. The images land at fixed offsets of a preallocated
 ``.npy`` whatever the order of shards, so a resumed build writes the same bytes as an uninterrupted one.
@@ -91,16 +92,25 @@ def build_lock(out: Path, log: Callable[[str], None]) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _open_array(path: Path, shape: Tuple[int, ...], dtype, resume: bool) -> np.ndarray:
-    """A writable memmap of `shape`: the existing file when resuming (same shape and dtype), else new."""
+def _preallocate(path: Path, shape: Tuple[int, ...], dtype, resume: bool) -> int:
+    """The data offset of a `.npy` file of `shape` at `path`: the existing file when resuming (same
+    shape and dtype), else a new one, its header written and its length set (sparse until written).
+    Written with `os.pwrite`, not a writable memory map: on a full disk a write raises ENOSPC (an
+    error to report), where a store into a mapped page of a full tmpfs kills the process (SIGBUS)."""
+    dtype = np.dtype(dtype)
     if resume and path.is_file():
         try:
-            array = np.lib.format.open_memmap(path, mode="r+")
-            if array.shape == shape and array.dtype == np.dtype(dtype):
-                return array
+            existing = np.lib.format.open_memmap(path, mode="r")  # read-only: header and offset
+            if existing.shape == shape and existing.dtype == dtype:
+                return int(existing.offset)
         except ValueError:
             pass
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with open(path, "wb") as fh:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(fh, header)
+        offset = fh.tell()
+        fh.truncate(offset + int(np.prod(shape)) * dtype.itemsize)
+    return offset
 
 
 class _Progress:
@@ -132,35 +142,36 @@ def _write_split(dataset: Dataset, work: Path, split: str, plan: Dict[str, Any],
     images_path, labels_path = work / f"{split}_images.npy", work / f"{split}_labels.npy"
     partial_labels = work / f"{split}_labels.partial.npy"
     resume = bool(done)
-    images = _open_array(images_path, (n, 3, size, size), np.uint8, resume)
-    labels = _open_array(partial_labels, (n,), np.int64, resume)
+    image_at = _preallocate(images_path, (n, 3, size, size), np.uint8, resume)
+    label_at = _preallocate(partial_labels, (n,), np.int64, resume)
     shards = [k for k in range((n + shard - 1) // shard) if k not in done]
     batches = [list(range(i, min(i + 64, (k + 1) * shard, n))) for k in shards for i in range(k * shard, min((k + 1) * shard, n), 64)]
     left = {k: min(shard, n - k * shard) for k in shards}
     progress = _Progress(split, n, n - sum(left.values()), bar, log)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate)
-    try:
-        for indices, (batch, batch_labels) in zip(batches, loader):
-            first = indices[0]
-            images[first : first + len(batch)] = batch.numpy()
-            labels[first : first + len(batch)] = batch_labels.numpy()
-            k = first // shard
-            left[k] -= len(batch)
-            if left[k] == 0:  # the shard is complete: on disk first, then recorded
-                images.flush()
-                labels.flush()
-                done.append(k)
-                save()
-            progress.update(len(batch))
-    finally:
-        progress.close()
+    with open(images_path, "r+b") as images, open(partial_labels, "r+b") as labels:
+        try:
+            for indices, (batch, batch_labels) in zip(batches, loader):
+                first = indices[0]  # (b, 3, S, S) uint8 and (b,) int64, C order, at their fixed offsets
+                os.pwrite(images.fileno(), batch.numpy().tobytes(), image_at + first * 3 * size * size)
+                os.pwrite(labels.fileno(), batch_labels.numpy().astype(np.int64).tobytes(), label_at + first * 8)
+                k = first // shard
+                left[k] -= len(batch)
+                if left[k] == 0:  # the shard is complete: on disk first, then recorded
+                    os.fsync(images.fileno())
+                    os.fsync(labels.fileno())
+                    done.append(k)
+                    save()
+                progress.update(len(batch))
+        finally:
+            progress.close()
     if sum(left.values()):
         raise DataError(f"the {split} split yielded fewer images than the {n} it reports")
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    values = np.array(np.load(partial_labels, mmap_mode="r"))  # (n,) int64
+    bad = np.flatnonzero((values < 0) | (values >= num_classes))
     if bad.size:
-        raise DataError(f"{split} image {int(bad[0])} has label {int(labels[bad[0]])}, outside 0..{num_classes - 1}")
-    np.save(labels_path, np.asarray(labels))  # the partial labels stay until the whole build is done
-    del images, labels  # close the memmaps before hashing
+        raise DataError(f"{split} image {int(bad[0])} has label {int(values[bad[0]])}, outside 0..{num_classes - 1}")
+    np.save(labels_path, values)  # the partial labels stay until the whole build is done
     return {"count": n, "images": _file_entry(images_path), "labels": _file_entry(labels_path)}
 
 
