@@ -35,6 +35,7 @@ from .errors import ConfigError
 from .gpu_stats import matmul_precision
 from .metrics import Throughput, mfu_metrics, topk_correct
 from .profiling import track_memory
+from .timing import COMPUTE_IMG_S, DATA_WAIT, EpochTiming
 
 _logger = logging.getLogger(__name__)
 
@@ -188,21 +189,27 @@ def train_one_epoch(
 ) -> Tuple[Dict[str, float], bool]:
     """Train on at most `num_batches` batches of `loader`.
 
-    Returns (``{"train/loss", "throughput/train_img_s"}``, diverged). The running loss is checked at
-    every log interval; when it is not finite the epoch stops there and `diverged` is True.
+    Returns (``{"train/loss", "throughput/train_img_s", "throughput/compute_img_s",
+    "time/data_wait_frac"}``, diverged) (`finetune.timing`). The running loss is checked at every log
+    interval; when it is not finite the epoch stops there and `diverged` is True.
     """
     state.model.train()
     loss_sum = torch.zeros((), device=device)
     seen = 0
     diverged = False
     bar = tqdm(total=num_batches, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+    timing = EpochTiming(device)
     with Throughput(device) as timer:
-        for i, (images, target) in enumerate(loader):
+        for i, (images, target) in enumerate(timing.timed(loader)):
             if i >= num_batches:
                 break
-            images, target = _to_device(images, target, device, batch_transform)
-            images, target = _mix(images, target, mixup, num_classes)
-            loss = train_step(state, model, images, target, criterion, autocast_dtype, cfg.clip_grad)
+            with timing.data():
+                images, target = _to_device(images, target, device, None)
+            if batch_transform is not None:  # the cache path's augmentation, on the device: in neither figure
+                images = batch_transform(images)  # uint8 (B, 3, H, W) -> float (B, 3, h, w)
+            with timing.step():
+                images, target = _mix(images, target, mixup, num_classes)
+                loss = train_step(state, model, images, target, criterion, autocast_dtype, cfg.clip_grad)
             loss_sum += loss.detach() * images.shape[0]
             seen += images.shape[0]
             for cb in callbacks:
@@ -218,7 +225,8 @@ def train_one_epoch(
     timer.images = seen
     bar.close()
     train_loss = loss_sum.item() / max(1, seen)
-    metrics = {"train/loss": train_loss, "throughput/train_img_s": timer.images_per_second}
+    metrics = {"train/loss": train_loss, "throughput/train_img_s": timer.images_per_second,
+               **timing.metrics(seen, timer.seconds)}
     return metrics, diverged or not math.isfinite(train_loss)
 
 
@@ -293,6 +301,8 @@ def _epoch_metrics(
         **val,
         "lr": _current_lr(state.optimizer),
         "throughput/train_img_s": train["throughput/train_img_s"],
+        COMPUTE_IMG_S: train[COMPUTE_IMG_S],
+        DATA_WAIT: train[DATA_WAIT],
         "time/epoch_s": seconds,
         **memory,
         **state.static_metrics,
@@ -321,11 +331,14 @@ def _swap_metrics(state: TrainState, resumed: bool, model: nn.Module, val_loader
 
 def epoch_summary(metrics: Dict[str, Any], epochs: int, topk: Sequence[int]) -> str:
     """One line per epoch, as timm prints it: ``epoch 2/3  train loss 1.2345  val acc@1 45.20%
-    acc@5 90.00%  lr 1.00e-03  312 img/s  12.3 s`` (``nan`` for a non-finite loss, ``diverged`` appended)."""
+    acc@5 90.00%  lr 1.00e-03  312 img/s  12.3 s  data wait 4%`` (``nan`` for a non-finite loss,
+    ``diverged`` appended)."""
     accs = "  ".join(f"{'val ' if i == 0 else ''}acc@{k} {100 * metrics.get(f'val/acc{k}', float('nan')):.2f}%"
                      for i, k in enumerate(topk))
     line = (f"epoch {metrics['epoch']}/{epochs}  train loss {metrics['train/loss']:.4f}  {accs}  "
             f"lr {metrics['lr']:.2e}  {metrics['throughput/train_img_s']:.0f} img/s  {metrics['time/epoch_s']:.1f} s")
+    if isinstance(metrics.get(DATA_WAIT), float):
+        line += f"  data wait {100 * metrics[DATA_WAIT]:.0f}%"
     return line + ("  diverged" if metrics.get("status") == "diverged" else "")
 
 

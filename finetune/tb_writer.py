@@ -64,7 +64,7 @@ def flat_hparams(config: Mapping[str, Any]) -> Dict[str, Union[bool, float, str]
 def metric_names(topk: Iterable[int] = (1, 5), eval_at_start: bool = False) -> list:
     """Every scalar tag a run logs (`finetune.loop.fit`'s metrics), for an HParams experiment config."""
     names = ["train/loss", "val/loss", *(f"val/acc{k}" for k in topk), "lr", "throughput/train_img_s",
-             "throughput/eval_img_s", "throughput/mfu", "time/epoch_s", "cost/params", "cost/trainable_params",
+             "throughput/compute_img_s", "time/data_wait_frac", "throughput/eval_img_s", "throughput/mfu", "time/epoch_s", "cost/params", "cost/trainable_params",
              "cost/gflops", "cost/gmacs", "memory/peak_allocated_mb", "memory/peak_reserved_mb",
              "memory/peak_nvml_mb", "memory/attn_train_analytic_mb",
              # the inference profile of the last epoch (finetune.inference_profile.METRIC_KEYS, the numeric ones)

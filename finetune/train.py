@@ -170,6 +170,8 @@ def run_training(
     if resume is not None:
         check_resume_config(resume["meta"], cfg, resume_from)
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # cuda:N: kernels, NCCL and libraries that use the current device agree
     seed_everything(cfg.seed)
     preprocessing = resolve_preprocessing(
         _preprocessing_model(cfg), cfg.img_size, augment=cfg.augment, scale=cfg.scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter

@@ -67,7 +67,9 @@ def _add_data_command(sub) -> None:
         help="decode every image once into a uint8 memory-mapped cache; train from it with --data cache:DIR",
         description="Decode the train and val images of SPEC once, resize (shorter side to --size, centre crop) and "
         "store them as uint8 .npy arrays with labels and a manifest (counts, sizes, sha256). Disk: "
-        "3 * size^2 bytes per image (196,608 at 256).",
+        "3 * size^2 bytes per image (196,608 at 256). Progress: a bar on a terminal, else a line every few "
+        "seconds. Interrupted (Ctrl-C, a signal, a lost machine)? Run the same command again: it continues "
+        "from the finished shards kept in .DIR.partial beside DIR.",
     )
     cache.add_argument("--data", required=True, metavar="SPEC", help="data spec of the source, as for `vitsweep train --data`")
     cache.add_argument("--out", required=True, metavar="DIR", help="cache directory to create (must not exist or be empty)")
@@ -75,6 +77,9 @@ def _add_data_command(sub) -> None:
     cache.add_argument("--num-workers", type=int, default=None, metavar="N", help="decoding processes (default: min(8, CPUs))")
     cache.add_argument("--skip-bad-images", action="store_true", help="image folders: drop unreadable files instead of failing")
     cache.add_argument("--seed", type=int, default=0, help="seed of a synthetic source without seed=")
+    cache.add_argument("--shard-size", type=int, default=1024, metavar="N",
+                       help="images per shard (default 1024): an interrupted build, run again with the same "
+                       "options, continues after the last finished shard")
     cache.set_defaults(func=_data_cache)
 
 
@@ -97,7 +102,7 @@ def _data_cache(args: argparse.Namespace) -> int:
 
     manifest = build_cache(
         args.data, args.out, size=args.size, num_workers=args.num_workers, skip_bad_images=args.skip_bad_images,
-        seed=args.seed, progress=sys.stderr.isatty(),
+        seed=args.seed, progress=sys.stderr.isatty(), shard_size=args.shard_size,
     )
     print(describe(manifest))
     print(f"train from it with: --data cache:{args.out}")

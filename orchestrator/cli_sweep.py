@@ -54,6 +54,11 @@ def _print_outcome(outcome) -> int:
     report = outcome.report
     print()
     print(console_table(report.rows))
+    errored = [r for r in report.records if r.error]
+    for record in errored[:10]:  # why, in full: the table has room for "errored" only
+        print(f"error: {record.label} ({record.trial_id}): {record.error}")
+    if len(errored) > 10:
+        print(f"error: ... and {len(errored) - 10} more (comparison.md, section Errors)")
     print()
     uploaded = None if outcome.experiment.is_local else True
     _print_where(outcome.experiment.uri, outcome.experiment_dir, report, uploaded)
@@ -77,6 +82,7 @@ def run_overrides(args: argparse.Namespace) -> SweepOverrides:
         searcher=args.searcher,
         max_failures=args.max_failures,
         fixed=_parse_set(args.set),
+        data_cache_dir=args.data_cache,
     )
 
 
@@ -188,6 +194,11 @@ def add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="also log every trial to mlflow and/or wandb (repeatable or comma-separated; TensorBoard "
                           "is always written): the same hyperparameters and metric names as TensorBoard. MLflow "
                           "uses MLFLOW_TRACKING_URI, W&B WANDB_PROJECT (default vitsweep) and WANDB_MODE=offline")
+    run.add_argument("--data-cache", metavar="DIR|off",
+                     help="where the sweep's decode-once cache of its data lives (sweeps with data_cache: the "
+                          "imagenet100 and scaling presets; built once by the driver before any trial, then reused). "
+                          "Default: $VITSWEEP_DATA_CACHE or ~/.cache/vitsweep/data; on a cluster a path every node "
+                          "mounts is required. off: every trial reads the source itself (decodes JPEGs)")
     _local_resource_flags(run)
     return run
 

@@ -3,8 +3,9 @@ throughput per configuration, and learning curves (train loss and val acc@1).
 
 Every figure is titled with the experiment, data set, epochs and seeds; points and bars carry error
 bars over seeds (± std). A plot without data says why, in the image and in the returned note. The
-throughput plot says when trials ran at the same time on shared CPUs (their img/s then depends on
-what else ran, so it is not comparable across configurations).
+throughput plot says when trials ran at the same time on shared CPUs or shared a GPU (their img/s
+then depends on what else ran, so it is not comparable across configurations), and hatches the bars of
+data-bound configurations (`finetune.timing`: their img/s measures the input pipeline).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .results import TrialRecord
+from finetune.timing import DATA_BOUND_THRESHOLD
+
 from .tables import Row, pareto_front, row_name
 
 __all__ = ["pareto_front", "write_plots", "concurrent_trials"]
@@ -133,19 +136,45 @@ def throughput_warning(records: Sequence[TrialRecord]) -> Optional[str]:
     if together > 1 and on_cpu(records):
         return (f"up to {together} trials ran at once on shared CPUs: img/s depends on what ran beside each "
                 "trial and is not comparable across configurations (measure with --max-concurrent 1)")
-    return None
+    return shared_gpu_warning(records, "img/s")
+
+
+def shared_gpu_warning(records: Sequence[TrialRecord], what: str) -> Optional[str]:
+    """Why `what` (img/s, memory) is not comparable when trials shared a GPU, or None."""
+    shared = sorted({r.gpus_per_trial for r in records if r.shared_gpu})
+    if not shared:
+        return None
+    return (f"trials shared a GPU ({'/'.join(f'{g:g}' for g in shared)} GPU per trial): {what} depends on what ran "
+            "beside each trial and is not comparable across configurations (measure with --gpus-per-trial 1)")
+
+
+def data_bound_note(rows: Sequence[Row]) -> Optional[str]:
+    """Which configurations were data-bound (hatched bars), or None."""
+    bound = [row_name(r) for r in rows if r.values.get("data_bound")]
+    if not bound:
+        return None
+    return (f"hatched: data-bound (data wait >= {100 * DATA_BOUND_THRESHOLD:.0f}%), img/s measures the input "
+            f"pipeline: {', '.join(bound)}; use `vitsweep data cache` or more workers")
 
 
 def _throughput(rows: Sequence[Row], records: Sequence[TrialRecord], path: Path, title: str) -> Optional[str]:
-    bars = [(row_name(r, "\n"), r.values["train_img_s"], _seed_std(r, "throughput/train_img_s")) for r in rows
-            if r.values["train_img_s"] is not None]
-    warning = throughput_warning(records)
+    shown = [r for r in rows if r.values["train_img_s"] is not None]
+    bars = [(row_name(r, "\n"), r.values["train_img_s"], _seed_std(r, "throughput/train_img_s")) for r in shown]
+    warning = "; ".join(n for n in (throughput_warning(records), data_bound_note(shown)) if n) or None
 
     def draw(ax: Any) -> None:
-        ax.bar(range(len(bars)), [v for _, v, _ in bars], yerr=[s for *_, s in bars], capsize=3, color="tab:blue")
+        drawn = ax.bar(range(len(bars)), [v for _, v, _ in bars], yerr=[s for *_, s in bars], capsize=3, color="tab:blue")
+        for patch, row in zip(drawn, shown):
+            if row.values.get("data_bound"):
+                patch.set_hatch("//")
+                patch.set_facecolor("tab:orange")
+        steps = [(i, r.values["compute_img_s"]) for i, r in enumerate(shown) if r.values.get("compute_img_s")]
+        if steps:  # what the model step alone would do: the gap to the bar is time spent outside it
+            ax.plot([i for i, _ in steps], [v for _, v in steps], "k_", ms=22, mew=2, label="model step alone")
+            ax.legend(fontsize=FONT["note"], loc="best")
         ax.set_xticks(range(len(bars)), [name for name, _, _ in bars], rotation=30, ha="right",
                       fontsize=FONT["tick"])
-        _style(ax, "", "train images / s (mean ± std over seeds)")
+        _style(ax, "", "train images / s, end to end (mean ± std over seeds)")
         ax.grid(axis="x", visible=False)
         if warning:
             ax.set_title("WARNING: " + warning, fontsize=FONT["note"], color="firebrick", wrap=True)
@@ -200,11 +229,14 @@ def write_plots(rows: Sequence[Row], records: Sequence[TrialRecord], plots_dir: 
     title = plot_title(plots_dir.resolve().parent.name, records)
     memory_note = ("peak GPU memory is n/a: the trials ran on CPU, and memory is not measured on CPU "
                    "(CUDA devices only)" if on_cpu(records) else "no trial reported peak memory and accuracy")
+    shared_memory = shared_gpu_warning(records, "peak memory")
+    memory_title = f"{title}\nNOT COMPARABLE: {shared_memory}" if shared_memory else title
     return {
         "acc_vs_gmacs.png": _accuracy_vs(rows, "gmacs", "GMACs (forward, one image)", plots_dir / "acc_vs_gmacs.png",
                                          title, "no trial reported GMACs and accuracy"),
         "acc_vs_peak_memory.png": _accuracy_vs(rows, "peak_mem_mb", "peak GPU memory (MB)",
-                                               plots_dir / "acc_vs_peak_memory.png", title, memory_note),
+                                               plots_dir / "acc_vs_peak_memory.png", memory_title, memory_note)
+        or shared_memory,
         "throughput.png": _throughput(rows, records, plots_dir / "throughput.png", title),
         "learning_curves.png": _learning_curves(rows, plots_dir / "learning_curves.png", title),
     }

@@ -35,6 +35,13 @@ class TrialRecord:
     history: List[Dict[str, Any]] = field(default_factory=list)
     error: Optional[str] = None
     num_failures: int = 0
+    gpus_per_trial: float = 0.0  # the sweep's resources.gpu: below 1, trials shared a GPU
+
+    @property
+    def shared_gpu(self) -> bool:
+        """The trial had a fraction of a GPU: others ran on the same device, so its img/s and memory
+        depend on them."""
+        return 0.0 < self.gpus_per_trial < 1.0
 
     @property
     def final(self) -> Dict[str, Any]:
@@ -180,6 +187,15 @@ def _copied_trials(exp_dir: Path) -> Iterator[_TuneTrial]:
                          "ERROR" if error_text is not None else "TERMINATED", error_text, 0)
 
 
+def _marker_gpus(marker: Path) -> float:
+    """The GPUs per trial the marker's sweep asked for (0 when unknown)."""
+    try:
+        gpu = json.loads(marker.read_bytes())["spec"]["resources"]["gpu"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+    return float(gpu) if isinstance(gpu, (int, float)) and not isinstance(gpu, bool) else 0.0
+
+
 def _marker_scheduler(marker: Path) -> str:
     try:
         data = json.loads(marker.read_bytes())
@@ -200,6 +216,7 @@ def collect_trials(exp_dir: str | Path) -> List[TrialRecord]:
         raise ReportError(f"{str(exp_dir)!r} is not a directory")
     marker = exp_dir / MARKER
     scheduler = _marker_scheduler(marker) if marker.is_file() else "fifo"
+    gpus = _marker_gpus(marker) if marker.is_file() else 0.0
     has_state = any(exp_dir.glob("experiment_state-*.json"))
     trials = list(_tune_trials(exp_dir) if has_state else _copied_trials(exp_dir))
     if not trials:
@@ -216,6 +233,6 @@ def collect_trials(exp_dir: str | Path) -> List[TrialRecord]:
         records.append(TrialRecord(
             trial_id=trial.trial_id, path=trial.path, label=trial_label(trial.config), config=flat,
             status=_classify(trial.status, history, flat, scheduler, error, run_result.get("status")),
-            history=history, error=error, num_failures=trial.num_failures,
+            history=history, error=error, num_failures=trial.num_failures, gpus_per_trial=gpus,
         ))
     return records

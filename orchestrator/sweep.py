@@ -28,6 +28,7 @@ from finetune.errors import ConfigError
 from finetune.io_utils import json_safe
 from search_spaces import ResolvedSweep, SweepOverrides, SweepSpec, load_sweep, validate_resources
 
+from .data_cache import prepare_data_cache
 from .report import MARKER, Report, report_storage
 from .storage import Storage, check_writable, resolve_storage
 from .interrupts import graceful_stop
@@ -407,7 +408,8 @@ def run_sweep(
     instance other than the one `load_sweep` was given. `storage` is a local/NFS path or a URI; it is
     checked writable before Ray starts. An existing experiment at ``storage/name`` is refused, or with
     `overwrite` moved aside (`orchestrator.preflight.check_new_experiment`); the experiment lock is held
-    from before Ray starts until the report is written. `loggers`: ``mlflow``, ``wandb`` besides
+    from before Ray starts until the report is written. A sweep with ``data_cache`` gets its decode-once
+    cache built (or reused) first, before Ray starts (`orchestrator.data_cache`). `loggers`: ``mlflow``, ``wandb`` besides
     TensorBoard (checked first, `orchestrator.trackers.check_loggers`). `metrics_export_port`: a local
     instance's Prometheus port on 127.0.0.1 (`orchestrator.monitoring`).
     """
@@ -428,6 +430,9 @@ def run_sweep(
     exp = root.join(name)
     check_new_experiment(exp, overwrite)
     with experiment_lock(exp, "run"):
+        sweep = prepare_data_cache(sweep, joining=available is None,
+                                   reload=lambda values: _reload(values, spec.source, available))
+        spec = sweep.spec
         init_ray(address, num_cpus, num_gpus, metrics_export_port)
         if available is None:
             check_cluster(spec)
@@ -440,6 +445,13 @@ def run_sweep(
             outcome = _finish(exp, results, expected=sweep.expected_trials)
     outcome.interrupted_by = stop.signum or 0
     return outcome
+
+
+def _reload(values: Dict[str, Any], source: str, available: Optional[Tuple[float, float]]) -> ResolvedSweep:
+    """The sweep `values` validated again, as `vitsweep run` validated the original (local or cluster)."""
+    resolved = load_cluster_sweep(values) if available is None else load_sweep(values, local_resources=available)
+    resolved.spec.source = source
+    return resolved
 
 
 def resume_sweep(

@@ -22,23 +22,28 @@ import pandas as pd
 
 from finetune.io_utils import finite_or_none
 from finetune.models.attention import variant_hparams, variant_label
+from finetune.timing import COMPUTE_IMG_S, DATA_BOUND_THRESHOLD, DATA_WAIT, is_data_bound
 
 from .results import TrialRecord
 
 COLUMNS = ("variant", "config", "seeds", "acc1", "acc1_ci", "vs_softmax", "swap_acc1", "acc5", "params_m", "gmacs",
-           "gflops", "peak_mem_mb", "train_img_s", "epochs", "status", "best")
+           "gflops", "peak_mem_mb", "train_img_s", "compute_img_s", "data_wait", "epochs", "status", "best")
 HEADERS = {
     "variant": "variant", "config": "configuration", "seeds": "seeds", "acc1": "val acc@1",
     "acc1_ci": "acc@1 95% CI", "vs_softmax": "vs softmax", "swap_acc1": "acc@1 at swap", "acc5": "val acc@5",
     "params_m": "params (M)", "gmacs": "GMACs", "gflops": "GFLOPs", "peak_mem_mb": "peak mem (MB)",
-    "train_img_s": "train img/s", "epochs": "epochs", "status": "status", "best": "best",
+    "train_img_s": "train img/s", "compute_img_s": "step img/s", "data_wait": "data wait", "epochs": "epochs",
+    "status": "status", "best": "best",
 }
 CSV_COLUMNS = ("variant", "label", "configuration", "seeds", "n_trials", "acc1_mean", "acc1_std", "acc5_mean",
                "acc5_std", "params", "gmacs", "gflops", "peak_mem_mb", "train_img_s", "epochs", "status", "best",
-               "trial_ids", "acc1_ci_low", "acc1_ci_high", "vs_softmax", "swap_acc1_mean", "swap_acc1_std")
+               "trial_ids", "acc1_ci_low", "acc1_ci_high", "vs_softmax", "swap_acc1_mean", "swap_acc1_std",
+               "compute_img_s", "data_wait_frac", "data_bound", "shared_gpu")
 # table column -> metric averaged over seeds
 SEED_MEANS = {"acc1": "val/acc1", "acc5": "val/acc5", "train_img_s": "throughput/train_img_s",
-              "swap_acc1": "swap/acc1"}
+              "swap_acc1": "swap/acc1", "compute_img_s": COMPUTE_IMG_S, "data_wait": DATA_WAIT}
+# Marks on img/s and memory cells (legend: `speed_notes`): † the trials shared a GPU, ‡ data-bound.
+SHARED_MARK, DATA_BOUND_MARK = "†", "‡"
 # Two-sided 97.5 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.96).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -159,7 +164,12 @@ class Row:
     def cell(self, column: str) -> str:
         if column in INFER_COLUMNS:
             return _format_infer(column, self.values.get(column), self.values)
-        return _format(column, self.values.get(column))
+        text = _format(column, self.values.get(column))
+        if column in ("train_img_s", "compute_img_s", "peak_mem_mb") and self.values.get("shared_gpu"):
+            text += SHARED_MARK
+        if column in ("train_img_s", "data_wait") and self.values.get("data_bound"):
+            text += DATA_BOUND_MARK
+        return text
 
 
 def _freeze(value: Any) -> str:
@@ -252,6 +262,10 @@ def build_rows(records: Sequence[TrialRecord]) -> List[Row]:
                 "gflops": _first(trials, "cost/gflops"),
                 "peak_mem_mb": _first(trials, "memory/peak_allocated_mb"),
                 "train_img_s": mean_std["train_img_s"][0],
+                "compute_img_s": mean_std["compute_img_s"][0],
+                "data_wait": mean_std["data_wait"][0],
+                "data_bound": any(is_data_bound(t.final) for t in trials),
+                "shared_gpu": max((t.gpus_per_trial for t in trials if t.shared_gpu), default=None),
                 "epochs": f"{epochs[0]}" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}",
                 "status": _status_summary(trials),
                 **infer_values(trials),
@@ -317,6 +331,8 @@ def _format(column: str, value: Any) -> str:
         return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
     if column == "peak_mem_mb":
         return "n/a (CPU)" if value is None else f"{value:.0f}"
+    if column == "data_wait":
+        return "n/a" if value is None else f"{100 * value:.0f}%"
     if value is None:
         return "" if column == "best" else "n/a"
     if isinstance(value, float):
@@ -339,8 +355,26 @@ def markdown_table(rows: Sequence[Row]) -> str:
     legend = LEGEND + (" acc@1 at swap: the model evaluated before its first training step (eval_at_start), "
                        "mean ± std over seeds." if with_swap else "")
     legend += (" " + INFER_LEGEND) if INFER_COLUMNS.keys() & set(columns) else ""
-    lines += ["", legend, "", budget_line(rows)]
+    lines += ["", legend, "", *speed_notes(rows), budget_line(rows)]
     return "\n".join(lines)
+
+
+def speed_notes(rows: Sequence[Row]) -> List[str]:
+    """What the speed columns mean, and the marks that make them not comparable (each note then a blank
+    line): step img/s and data wait (`finetune.timing`); ‡ data-bound; † a shared GPU."""
+    notes = [f"train img/s: end to end; step img/s: the model step alone; data wait: the share of the training "
+             f"time spent waiting for the next batch (mean over seeds)."]
+    bound = [row_name(r) for r in rows if r.values.get("data_bound")]
+    if bound:
+        notes.append(f"{DATA_BOUND_MARK} data-bound (data wait >= {100 * DATA_BOUND_THRESHOLD:.0f}%): its train img/s "
+                     f"measures the input pipeline, not the model ({', '.join(bound)}); train from the decode-once "
+                     "cache (`vitsweep data cache`) or give the loader more workers.")
+    shared = sorted({r.values["shared_gpu"] for r in rows if r.values.get("shared_gpu")})
+    if shared:
+        notes.append(f"{SHARED_MARK} trials shared a GPU ({'/'.join(f'{g:g}' for g in shared)} GPU per trial): their "
+                     "img/s and memory depend on what ran beside them and are not comparable across configurations "
+                     "(measure with --gpus-per-trial 1).")
+    return [line for note in notes for line in (note, "")]
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> None:
@@ -350,7 +384,8 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
          *r.values["acc5"], _first(r.trials, "cost/params"), r.values["gmacs"], r.values["gflops"],
          r.values["peak_mem_mb"], r.values["train_img_s"], r.values["epochs"], r.values["status"], r.best,
          " ".join(t.trial_id for t in r.trials), *(r.values.get("acc1_ci") or (None, None)), r.values.get("vs_softmax"),
-         *r.values.get("swap_acc1", (None, None)))
+         *r.values.get("swap_acc1", (None, None)), r.values.get("compute_img_s"), r.values.get("data_wait"),
+         r.values.get("data_bound"), r.values.get("shared_gpu"))
         for r in rows
     ], columns=list(CSV_COLUMNS), dtype=object)
     for column, metric in INFER_CSV.items():
@@ -403,7 +438,7 @@ def console_table(rows: Sequence[Row], width: int = 100) -> str:
     best = ranked[0] if ranked else None
     costed = [r for r in ranked if r.values["gflops"] is not None]
     pareto = {id(costed[i]) for i in pareto_front([(r.values["gflops"], r.values["acc1"][0]) for r in costed])}
-    fixed = 3 + 15 + 8 + 8 + 14 + 3 + 6  # '#', acc@1, GFLOPs, img/s, status, mark, separators
+    fixed = 3 + 15 + 8 + 8 + 14 + 5 + 6  # '#', acc@1, GFLOPs, img/s, status, mark, separators
     name_width = max(16, width - fixed)
 
     def clip(text: str, n: int) -> str:
@@ -412,7 +447,8 @@ def console_table(rows: Sequence[Row], width: int = 100) -> str:
     lines = [f"{'#':>2} {'configuration':<{name_width}} {'val acc@1':>15} {'GFLOPs':>7} {'img/s':>7} "
              f"{'status':<14} {'':>3}".rstrip()]
     for i, row in enumerate(ordered, 1):
-        mark = ("*" if row is best else " ") + ("P" if id(row) in pareto else " ")
+        mark = (("*" if row is best else " ") + ("P" if id(row) in pareto else " ")
+                + ("D" if row.values.get("data_bound") else "") + ("S" if row.values.get("shared_gpu") else ""))
         seeds = f" (seeds {row.values['seeds']})" if len(row.trials) > 1 else ""
         lines.append(
             f"{i:>2} {clip(row_name(row) + seeds, name_width):<{name_width}} {row.cell('acc1'):>15} "
@@ -421,4 +457,9 @@ def console_table(rows: Sequence[Row], width: int = 100) -> str:
         )
     lines.append(clip("* best  P Pareto front (acc@1 vs GFLOPs)  by val acc@1, mean ± std over seeds; "
                       "more: comparison.md", width))
+    if any(r.values.get("data_bound") for r in rows):
+        lines.append(clip(f"D data-bound (data wait >= {100 * DATA_BOUND_THRESHOLD:.0f}%): img/s measures the input "
+                          "pipeline; use `vitsweep data cache` or more workers", width))
+    if any(r.values.get("shared_gpu") for r in rows):
+        lines.append(clip("S shared a GPU (--gpus-per-trial < 1): img/s and memory not comparable", width))
     return "\n".join(lines)

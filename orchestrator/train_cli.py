@@ -20,6 +20,7 @@ from finetune.errors import ConfigError
 from finetune.io_utils import json_safe, move_aside
 from finetune.models.attention import declared_hparams
 from finetune.models.attention.flags import add_hparam_arguments
+from finetune.timing import data_bound_line, is_data_bound
 from finetune.yaml_io import parse_yaml, read_yaml_file
 
 S = argparse.SUPPRESS
@@ -243,10 +244,14 @@ def _train_locked(args: argparse.Namespace) -> int:
     resume_from = out / "checkpoint" if args.resume else None
     _show_epoch_lines()
     result = run_training(cfg, out, resume_from=resume_from, progress=not args.no_progress, before_write=before_write)
-    final = {k: v for k, v in result["metrics"].items() if k.startswith(("val/", "train/", "cost/", "throughput/", "memory/"))}
+    final = {k: v for k, v in result["metrics"].items()
+             if k.startswith(("val/", "train/", "cost/", "throughput/", "memory/", "time/"))}
     if args.json:
+        final["data_bound"] = is_data_bound(result["metrics"])
         print(json.dumps(json_safe({"status": result["status"], "out": str(out), **final}), indent=2, default=str,
                          allow_nan=False))
+        if final["data_bound"]:
+            print(data_bound_line(result["metrics"]), file=sys.stderr)
     else:
         print(final_summary(result, out))
     return 0
@@ -269,10 +274,13 @@ def _show_epoch_lines() -> None:
 
 
 def final_summary(result: Dict[str, Any], out: Path) -> str:
-    """Two lines: the status with the final accuracies and cost, and where the outputs are."""
+    """Two lines: the status with the final accuracies and cost, and where the outputs are; a third
+    when the last epoch was data-bound (`finetune.timing.data_bound_line`)."""
     m = result["metrics"]
     accs = "  ".join(f"{k.split('/')[1].replace('acc', 'acc@')} {100 * v:.2f}%" for k, v in m.items()
                      if k.startswith("val/acc") and isinstance(v, (int, float)))
     cost = f"{m['cost/gflops']:.3f} GFLOPs" if isinstance(m.get("cost/gflops"), (int, float)) else ""
     line = f"{result['status']}: epoch {m.get('epoch', 0)}  {accs}  {cost}".rstrip()
-    return f"{line}\noutputs: {out} (result.json, weights.safetensors, tb/; tensorboard --logdir {out / 'tb'})"
+    text = f"{line}\noutputs: {out} (result.json, weights.safetensors, tb/; tensorboard --logdir {out / 'tb'})"
+    data_bound = data_bound_line(m)  # finetune.timing: the rule and its threshold
+    return text if data_bound is None else f"{text}\n{data_bound}"

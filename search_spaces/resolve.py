@@ -42,6 +42,7 @@ class SweepOverrides:
     searcher: Optional[str] = None
     max_failures: Optional[int] = None
     fixed: Mapping[str, Any] = field(default_factory=dict)
+    data_cache_dir: Optional[str] = None  # --data-cache DIR ("off": train from the source as it is)
 
     def apply(self, values: Any) -> Any:
         """The raw sweep mapping with these overrides merged in (anything else is left to the parser)."""
@@ -56,6 +57,10 @@ class SweepOverrides:
             merged["resources"] = _merge(values.get("resources"), resources)
         if self.fixed:
             merged["fixed"] = _merge(values.get("fixed"), self.fixed)
+        if self.data_cache_dir == "off":
+            merged["data_cache"] = None
+        elif self.data_cache_dir is not None:
+            merged["data_cache"] = _merge(values.get("data_cache") or {}, {"dir": self.data_cache_dir})
         return merged
 
 

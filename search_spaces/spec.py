@@ -32,6 +32,10 @@ here through `SweepSpec.from_dict`, so they share one schema and one validator:
     num_to_keep: 2                 # checkpoints kept per trial (best by val/acc1)
     reuse_actors: null             # null (default): true for CPU-only trials (gpu: 0), false for GPU
                                    # trials; see SweepSpec.actor_reuse
+    data_cache: {size: 256, dir: null}  # optional: train from a decode-once cache of fixed.data, built
+                                   # once by the driver before any trial (orchestrator.data_cache); dir
+                                   # null: $VITSWEEP_DATA_CACHE or ~/.cache/vitsweep/data (a cluster needs
+                                   # a dir every node mounts)
 
 `search_spaces.load_sweep` parses a preset or file once (CLI overrides merged first), validates it once
 and returns a `ResolvedSweep`.
@@ -61,7 +65,9 @@ MODES = ("max", "min")
 TOP_LEVEL_KEYS = (
     "name", "fixed", "search", "variants", "seeds", "searcher", "scheduler", "asha", "num_samples",
     "metric", "mode", "resources", "max_concurrent", "max_failures", "num_to_keep", "reuse_actors",
+    "data_cache",
 )
+DATA_CACHE_KEYS = ("size", "dir")
 BLOCK_KEYS = ("variant", "fixed", "search", "label")
 ASHA_KEYS = ("grace_period", "reduction_factor", "max_t")
 RESOURCE_KEYS = ("cpu", "gpu")
@@ -197,6 +203,7 @@ class SweepSpec:
     max_failures: int = 0
     num_to_keep: int = 2
     reuse_actors: Optional[bool] = None
+    data_cache: Optional[Dict[str, Any]] = None
     source: str = ""
 
     @classmethod
@@ -245,6 +252,10 @@ class SweepSpec:
             resources = _mapping("resources", values["resources"], "per-trial resources")
             _unknown("resources", resources, RESOURCE_KEYS)
             spec.resources = {**spec.resources, **resources}
+        if values.get("data_cache") is not None:
+            cache = _mapping("data_cache", values["data_cache"], "decode-once cache options")
+            _unknown("data_cache", cache, DATA_CACHE_KEYS)
+            spec.data_cache = {"size": 256, "dir": None, **cache}
         spec.check_options()
         return spec
 
@@ -286,6 +297,8 @@ class SweepSpec:
             raise ConfigError(f"gpus per trial={gpu!r} (resources.gpu, --gpus-per-trial) must be a finite number >= 0")
         if gpu > 1 and gpu != int(gpu):
             raise ConfigError(f"gpus per trial={gpu}: above 1 it must be a whole number (Ray packs fractions <= 1 only)")
+        if self.data_cache is not None:
+            self._check_data_cache()
         if self.searcher == "optuna":
             if len(self.seeds) > 1:
                 raise ConfigError(
@@ -297,6 +310,20 @@ class SweepSpec:
                 raise ConfigError(
                     f"searcher=optuna treats grid domains {grids} as categorical: set num_samples > 1"
                 )
+
+    def _check_data_cache(self) -> None:
+        size, directory = self.data_cache["size"], self.data_cache["dir"]
+        if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096:
+            raise ConfigError(f"data_cache.size={size!r} must be an integer in [8, 4096] (256 for 224 px, 512 for 448 px)")
+        if directory is not None and (not isinstance(directory, str) or not directory.strip() or "\x00" in directory):
+            raise ConfigError(f"data_cache.dir={directory!r} must be a directory path (or null: the default cache root)")
+        data = self.fixed.get("data")
+        if not isinstance(data, str) or any("data" in b.fixed or "data" in b.search for b in self.variants) \
+                or "data" in self.search:
+            raise ConfigError("data_cache caches fixed.data: give the data source as one fixed value "
+                              f"(fixed.data={data!r}), not per variant or searched")
+        if data.strip().startswith("cache:"):
+            raise ConfigError(f"data_cache with fixed.data={data!r}: the data is a cache already; drop data_cache")
 
     @property
     def actor_reuse(self) -> bool:
@@ -342,4 +369,5 @@ class SweepSpec:
             "max_failures": self.max_failures,
             "num_to_keep": self.num_to_keep,
             "reuse_actors": self.reuse_actors,
+            **({"data_cache": dict(self.data_cache)} if self.data_cache is not None else {}),
         }

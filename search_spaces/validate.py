@@ -62,6 +62,7 @@ def trial_configs(spec: SweepSpec) -> Iterator[tuple]:
 # eval_at_start, swap/loss and swap/acc{k}; and Tune's own per-report counters.
 ALWAYS_REPORTED = (
     "epoch", "train/loss", "val/loss", "lr", "throughput/train_img_s", "throughput/eval_img_s", "time/epoch_s",
+    "throughput/compute_img_s", "time/data_wait_frac",
     "cost/params", "cost/trainable_params", "cost/gmacs", "cost/gflops", "training_iteration", "time_total_s", "time_this_iter_s",
 )
 

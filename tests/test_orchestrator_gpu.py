@@ -1,10 +1,11 @@
 """GPU scheduling without GPUs: a local instance with 2 logical GPUs shows that ``--gpus-per-trial 1``
 runs two trials at once on distinct CUDA_VISIBLE_DEVICES and ``0.5`` runs four; the real trainable,
-given a (logical) GPU on a machine without CUDA, falls back to the CPU."""
+given a (logical) GPU on a machine without CUDA, fails (unless its config says ``device: cpu``)."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import ray
@@ -103,12 +104,20 @@ def test_gpus_per_trial_beyond_the_joined_cluster_is_refused_before_any_trial(ra
     assert not (tmp_path / "too_many").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="shows the CPU fallback on a machine without CUDA")
-def test_real_trainable_falls_back_to_cpu_on_a_logical_gpu(ray_two_gpus, tmp_path):
-    spec = SweepSpec.from_dict({"fixed": FIXED, "resources": {"cpu": 1, "gpu": 1}})
-    outcome = run_sweep(spec, storage=tmp_path, name="fallback")
-    (record,) = outcome.report.records
-    assert record.status == "finished", record.error
-    run = json.loads((record.path / "run" / "result.json").read_text())
-    assert run["environment"]["device"] == "cpu" and run["config"]["device"] == "auto"
-    assert record.final["memory/peak_allocated_mb"] is None
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA (a logical GPU CUDA cannot see)")
+def test_a_logical_gpu_without_cuda_fails_the_trial_unless_it_asks_for_the_cpu(ray_two_gpus, tmp_path):
+    """Ray assigns the trial a GPU this machine's torch cannot see: ``device: auto`` fails naming the node
+    and CUDA_VISIBLE_DEVICES (no silent CPU run whose img/s would fill the GPU column); an explicit
+    ``device: cpu`` trains on the CPU; the sweep goes on past the failure."""
+    spec = SweepSpec.from_dict({"fixed": FIXED, "search": {"device": {"grid": ["auto", "cpu"]}},
+                                "resources": {"cpu": 1, "gpu": 1}, "max_failures": 0})
+    outcome = run_sweep(spec, storage=tmp_path, name="placement")
+    by_device = {r.config["device"]: r for r in outcome.report.records}
+    auto, cpu = by_device["auto"], by_device["cpu"]
+    assert auto.status.startswith("errored") and "CUDA is missing" in auto.error, auto.error
+    assert "CUDA_VISIBLE_DEVICES=" in auto.error and re.search(r"on node [0-9.]+ \(CUDA_VISIBLE_DEVICES='0', node id [0-9a-f]+", auto.error)
+    assert not (auto.path / "run" / "result.json").exists()  # it trained nothing
+    assert cpu.status == "finished", cpu.error
+    run = json.loads((cpu.path / "run" / "result.json").read_text())
+    assert run["environment"]["device"] == "cpu" and run["config"]["device"] == "cpu"
+    assert "CUDA is missing" in outcome.report.markdown_path.read_text()  # the report's Errors section

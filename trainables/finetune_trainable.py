@@ -22,7 +22,7 @@ completes it.
 Node identity: every checkpoint holds ``nodes.json``, the Ray nodes (id and IP) the trial has run on, in
 order; a restored trial reads it back and appends its current node, and run/result.json records the
 list (``nodes``) and the last one (``node``). A data set missing on the trial's node fails the trial
-with that node named.
+with that node named, and so does a GPU Ray assigned that CUDA cannot see (`check_placement`).
 """
 
 from __future__ import annotations
@@ -122,6 +122,25 @@ def _on_node(err: Exception, node: Dict[str, str]) -> Exception:
     return type(err)(f"{err} (on Ray node {node['node_ip']}, node id {node['node_id']})")
 
 
+def check_placement(cfg: TrainConfig, node: Dict[str, str]) -> None:
+    """A trial Ray gave a GPU must see one: otherwise (a CPU-only torch wheel, a driver mismatch on one
+    node) ``device: auto`` would train on the CPU and report the CPU's img/s in the GPU column. Only an
+    explicit ``device: cpu`` trains on the CPU then."""
+    import torch
+
+    gpu_ids = ray.get_gpu_ids()
+    if not gpu_ids or cfg.device == "cpu" or torch.cuda.is_available():
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise ConfigError(
+        f"CUDA is missing: Ray assigned GPU {', '.join(str(g) for g in gpu_ids)} to this trial on node "
+        f"{node['node_ip']} (CUDA_VISIBLE_DEVICES={visible!r}, node id {node['node_id']}) but torch "
+        f"{torch.__version__} (CUDA build {torch.version.cuda}) sees no CUDA device there, and device={cfg.device!r} "
+        "would train on the CPU. Install a CUDA build of torch and a matching driver on that node, or set "
+        "device: cpu to train on the CPU on purpose"
+    )
+
+
 FINAL_STATUSES = ("finished", "diverged")
 
 
@@ -217,6 +236,7 @@ def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> Non
             restore_dir = tempfile.mkdtemp(prefix="vitsweep-restore-")
             checkpoint.to_directory(restore_dir)
         node = current_node()
+        check_placement(cfg, node)
         nodes = [*read_nodes(restore_dir), node]
         reporter = TuneReportCallback(label, nodes, defer_final=True)
         try:

@@ -177,6 +177,7 @@ class BatchTrainTransform:
         self.jitter = float(preprocessing.color_jitter or 0.0)
         self.resample = resample
         self.normalize = _Normalize(preprocessing.mean, preprocessing.std)
+        self._grey = {}  # device -> (1, 3, 1, 1) grey weights, built once per device (no per-batch host copy)
 
     def __call__(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: uint8 (B, 3, S, S) -> fp32 (B, 3, h, w); `out`, if given, receives the result (e.g. a
@@ -226,8 +227,16 @@ class BatchTrainTransform:
             self._pool = (key, ThreadPoolExecutor(threads, thread_name_prefix="batch-transform"))
         return self._pool[1]
 
-    def __getstate__(self):  # a thread pool does not pickle; rebuilt on demand
-        return {**self.__dict__, "_pool": None}
+    def __getstate__(self):  # a thread pool does not pickle; device constants are rebuilt where it runs
+        return {**self.__dict__, "_pool": None, "_grey": {}}
+
+    def _grey_weights(self, device: torch.device) -> torch.Tensor:
+        """(1, 3, 1, 1) `_GREY` on `device`: a tensor from Python constants on a GPU is a host-to-device
+        copy (and a sync), so it is made once per device, not once per batch."""
+        weights = self._grey.get(device)
+        if weights is None:
+            weights = self._grey[device] = torch.tensor(_GREY, device=device).view(1, 3, 1, 1)
+        return weights
 
     def _roi(self, x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         top, left, h, w = boxes.to(torch.float32).unbind(1)
@@ -241,7 +250,7 @@ class BatchTrainTransform:
         """ColorJitter(brightness=j, contrast=j, saturation=j) on float [B, 3, h, w] in [0, 255]."""
         b = x.shape[0]
         f = 1.0 + self.jitter * (2 * torch.rand(3, b, 1, 1, 1, device=x.device) - 1)  # factors in [1-j, 1+j]
-        grey_w = torch.tensor(_GREY, device=x.device).view(1, 3, 1, 1)
+        grey_w = self._grey_weights(x.device)  # (1, 3, 1, 1)
         x = (x * f[0]).clamp_(0, 255)  # brightness
         grey_mean = (x * grey_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)  # (B, 1, 1, 1)
         x = (f[1] * x + (1 - f[1]) * grey_mean).clamp_(0, 255)  # contrast

@@ -47,7 +47,11 @@ def smoke() -> dict:
 
 
 def imagenet100() -> dict:
-    """The study: pretrained ViT-S/16 (in21k) on ImageNet-100, every variant, a small grid, 3 seeds."""
+    """The study: pretrained ViT-S/16 (in21k) on ImageNet-100, every variant, a small grid, 3 seeds.
+
+    Trials read decoded images: the driver decodes ImageNet-100 once, before any trial, into a 256 px
+    uint8 cache (~25 GB; `orchestrator.data_cache`), so img/s measures the model, not JPEG decoding
+    (docs/performance.md). On a cluster, give the cache a directory every node mounts (--data-cache DIR)."""
     return {
         "name": "imagenet100",
         "fixed": {
@@ -66,15 +70,18 @@ def imagenet100() -> dict:
         "seeds": [0, 1, 2],
         "resources": {"cpu": 8, "gpu": 1},
         "max_failures": 2,
+        "data_cache": {"size": 256, "dir": None},
     }
 
 
 def scaling() -> dict:
-    """More tokens: the same variants at 224, 320 and 448 px (197, 401, 785 tokens)."""
+    """More tokens: the same variants at 224, 320 and 448 px (197, 401, 785 tokens), from a 512 px cache
+    (448 / crop_pct 0.9 = 498 px is the largest resize the eval transform asks for; ~100 GB)."""
     spec = imagenet100()
     spec["name"] = "scaling"
     spec["fixed"] = {**spec["fixed"], "epochs": 10, "batch_size": 64, "lr": 1e-3}
     spec["search"] = {"img_size": {"grid": [224, 320, 448]}}
+    spec["data_cache"] = {"size": 512, "dir": None}
     spec["variants"] = [
         variants.block("softmax"),
         variants.block("linformer", rank=(128,)),
