@@ -19,6 +19,7 @@ import timm
 import torch
 
 from .callbacks import Callback, TrainState
+from .distributed import DistContext
 from .config import TrainConfig
 from .errors import AttentionConfigError, ConfigError, TrainingOOMError
 from .io_utils import write_json
@@ -135,6 +136,7 @@ def run_training(
     local_checkpoints: bool = True,
     before_write: Optional[Callable[[], None]] = None,
     extra_result: Optional[Mapping[str, Any]] = None,
+    dist: Optional[DistContext] = None,
 ) -> Dict[str, Any]:
     """Validate everything, then train; nothing is written under `out_dir` before validation passes.
 
@@ -142,7 +144,9 @@ def run_training(
     (`finetune.checkpoint.check_resume_config`). `before_write` runs once, after the config, the
     checkpoint, the data and the model have been checked and built and before anything is written
     under `out_dir` (`vitsweep train --overwrite` moves the previous run aside there). `extra_result`:
-    fields added to the result (and result.json), e.g. the nodes a sweep trial ran on.
+    fields added to the result (and result.json), e.g. the nodes a sweep trial ran on. `dist`
+    (`finetune.distributed.DistContext`): one worker of a data-parallel run; every worker trains,
+    rank 0 alone writes under `out_dir` (the others return the same result without writing).
 
     Returns ``{"status", "metrics", "history", "config", ...}`` (also written to result.json).
     """
@@ -153,7 +157,7 @@ def run_training(
     resume = read_checkpoint(resume_from) if resume_from else None
     if resume is not None:
         check_resume_config(resume["meta"], cfg, resume_from)
-    device = resolve_device(cfg.device)
+    device = dist.device if dist is not None else resolve_device(cfg.device)
     seed_everything(cfg.seed)
     preprocessing = resolve_preprocessing(
         _preprocessing_model(cfg), cfg.img_size, augment=cfg.augment, scale=cfg.scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter
@@ -179,7 +183,9 @@ def run_training(
         drop_path=cfg.drop_path,
     )
     static = cost_metrics(model, preprocessing.input_size[1:], cache=True)  # once per architecture
-    train_loader, val_loader = build_loaders(bundle, cfg.batch_size, cfg.num_workers, device, cfg.seed)
+    train_loader, val_loader = build_loaders(bundle, cfg.batch_size, cfg.num_workers, device, cfg.seed, dist=dist)
+    if dist is not None and not dist.is_main:
+        out_dir, before_write = None, None  # rank 0 writes
 
     callbacks: List[Callback] = list(callbacks)
     writer = None
@@ -202,6 +208,7 @@ def run_training(
             model, train_loader, val_loader, cfg, callbacks,
             num_classes=bundle.num_classes, device=device, resume=resume, static_metrics=static, progress=progress,
             train_batch_transform=bundle.train_batch_transform, eval_batch_transform=bundle.eval_batch_transform,
+            dist=dist,
         )
     except torch.cuda.OutOfMemoryError as err:
         # Leave the except block first: its traceback pins every activation of the failed step.
@@ -244,6 +251,7 @@ def run_training(
                 "torch": torch.__version__,
                 "timm": timm.__version__,
                 "python": platform.python_version(),
+                **(dist.describe() if dist is not None else {"world_size": 1}),
             },
         }
     )

@@ -192,19 +192,26 @@ def check_out_dir(out: str, *, resume: bool, overwrite: bool) -> Path:
 def _train(args: argparse.Namespace) -> int:
     import json
 
+    from finetune.distributed import DistContext
     from finetune.train import run_training
 
-    out = check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)
     cfg = config_from_args(args, args.config)
+    # Under torchrun (WORLD_SIZE > 1): one DDP worker; rank 0 checks and writes --out (docs/distributed.md).
+    dist = DistContext.from_env(cfg.device)
+    main_rank = dist is None or dist.is_main
+    out = check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite) if main_rank else Path(args.out)
     before_write: Optional[Callable[[], None]] = None
-    if args.overwrite and out.is_dir() and any(out.iterdir()):
+    if main_rank and args.overwrite and out.is_dir() and any(out.iterdir()):
         def before_write() -> None:
             moved = move_aside(out)
             print(f"vitsweep: --overwrite: moved the previous contents of {str(out)!r} to {str(moved)!r}", file=sys.stderr)
 
     resume_from = out / "checkpoint" if args.resume else None
     _show_epoch_lines()
-    result = run_training(cfg, out, resume_from=resume_from, progress=not args.no_progress, before_write=before_write)
+    result = run_training(cfg, out, resume_from=resume_from, progress=not args.no_progress, before_write=before_write,
+                          dist=dist)
+    if not main_rank:
+        return 0
     final = {k: v for k, v in result["metrics"].items() if k.startswith(("val/", "train/", "cost/", "throughput/", "memory/"))}
     if args.json:
         print(json.dumps(json_safe({"status": result["status"], "out": str(out), **final}), indent=2, default=str,
