@@ -58,7 +58,11 @@ class _StepFault(Callback, abc.ABC):
             if marker.exists():
                 return
             marker.parent.mkdir(parents=True, exist_ok=True)
-            with open(marker, "w") as fh:
+            try:  # "x": of several DDP workers at this step, exactly one fires
+                fh = open(marker, "x")
+            except FileExistsError:
+                return
+            with fh:
                 fh.write(f"{type(self).__name__} pid={os.getpid()} epoch={self.epoch} batch={self.batch}\n")
                 fh.flush()
                 os.fsync(fh.fileno())

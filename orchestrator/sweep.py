@@ -225,7 +225,27 @@ def default_name(spec: SweepSpec) -> str:
 
 
 def _trial_resources(spec: SweepSpec) -> Dict[str, float]:
+    """What Tune reserves for a trial's process. A data-parallel trial (``resources.workers`` > 1) only
+    drives a `TorchTrainer` whose workers ask Ray for their own CPUs/GPUs: Tune reserves a token (one byte
+    of the ``memory`` resource, as Ray refuses an empty request) and `_max_concurrent` bounds the trials."""
+    if spec.workers > 1:
+        return {"cpu": 0, "gpu": 0, "memory": 1}
     return {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]}
+
+
+def _max_concurrent(spec: SweepSpec) -> Optional[int]:
+    """The sweep's limit on running trials; for data-parallel trials also what the cluster can place at
+    once (each trial's workers x per-worker resources), so that no trial waits on workers Ray cannot start."""
+    import ray
+
+    if spec.workers <= 1 or not ray.is_initialized():
+        return spec.max_concurrent
+    total = ray.cluster_resources()
+    fits = [total.get("CPU", 0.0) / (spec.workers * spec.resources["cpu"])]
+    if spec.resources["gpu"]:
+        fits.append(total.get("GPU", 0.0) / (spec.workers * spec.resources["gpu"]))
+    limit = max(1, int(min(fits)))
+    return min(limit, spec.max_concurrent) if spec.max_concurrent else limit
 
 
 def build_tuner(resolved: ResolvedSweep, storage: Storage, name: str, trainable: Optional[Callable] = None,
@@ -246,7 +266,7 @@ def build_tuner(resolved: ResolvedSweep, storage: Storage, name: str, trainable:
         search_alg=resolved.make_searcher(),
         scheduler=resolved.make_scheduler(),
         num_samples=spec.num_samples,
-        max_concurrent_trials=spec.max_concurrent,
+        max_concurrent_trials=_max_concurrent(spec),
         reuse_actors=spec.actor_reuse,  # the rule: SweepSpec.actor_reuse
         trial_dirname_creator=trial_dirname,
     )

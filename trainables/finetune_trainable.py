@@ -43,7 +43,7 @@ from finetune.config import TrainConfig
 from finetune.errors import ConfigError, DataError
 from finetune.train import release_device_memory, run_training
 
-from .layout import ARCH_KEY, LABEL_KEY, RUN_SUBDIR, flatten_trial_config
+from .layout import ARCH_KEY, DDP_KEY, LABEL_KEY, RUN_SUBDIR, flatten_trial_config
 
 
 def reportable(metrics: Dict[str, Any]) -> Dict[str, Any]:
@@ -126,7 +126,7 @@ class TuneReportCallback(Callback):
             if final:
                 self.pending = {"metrics": metrics, "checkpoint": None}
             else:
-                tune.report(metrics)
+                self._report(metrics, None)
             return
         if final:
             directory = tempfile.mkdtemp(prefix="vitsweep-ckpt-")
@@ -135,7 +135,11 @@ class TuneReportCallback(Callback):
             return
         with tempfile.TemporaryDirectory(prefix="vitsweep-ckpt-") as directory:
             self._write_checkpoint(state, directory)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+            self._report(metrics, directory)
+
+    def _report(self, metrics: Dict[str, Any], directory: Optional[str]) -> None:
+        """One report to Tune (`trainables.distributed` overrides it with Ray Train's report)."""
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
 
     def _write_checkpoint(self, state: TrainState, directory: str) -> None:
         save_checkpoint(state, directory)
@@ -148,9 +152,7 @@ class TuneReportCallback(Callback):
             return False
         pending, self.pending = self.pending, None
         try:
-            directory = pending["checkpoint"]
-            checkpoint = tune.Checkpoint.from_directory(directory) if directory else None
-            tune.report(pending["metrics"], checkpoint=checkpoint)
+            self._report(pending["metrics"], pending["checkpoint"])
         finally:
             if pending["checkpoint"]:
                 shutil.rmtree(pending["checkpoint"], ignore_errors=True)
@@ -169,6 +171,10 @@ def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> Non
     `callbacks` run after Tune's reporter, e.g. fault injection from `finetune.faults`; pass them with
     ``tune.with_parameters(train_vit, callbacks=[...])``.
     """
+    if (config.get(DDP_KEY) or {}).get("workers", 1) > 1:
+        from .distributed import train_vit_ddp
+
+        return train_vit_ddp(config, callbacks)  # DDP on Ray Train workers (trainables/distributed.py)
     if not config:
         # Not a vitsweep trial: Ray 2.60's restored grid generator can add one trial with an empty
         # config when the driver was killed mid-save (seen under `vitsweep resume`). Every vitsweep
