@@ -224,8 +224,8 @@ def test_bad_sweep_options_are_named():
 
 
 def test_resources_beyond_the_cluster_are_rejected():
-    spec = spec_of(resources={"cpu": 1, "gpu": 2})
-    with pytest.raises(ConfigError, match=r"gpus per trial=2 but the cluster has 0 GPU"):
+    spec = spec_of(resources={"cpu": 1, "gpu": 1})
+    with pytest.raises(ConfigError, match=r"gpus per trial=1 but the cluster has 0 GPU"):
         validate_resources(spec, available_cpus=2, available_gpus=0)
     validate_resources(spec, available_cpus=2, available_gpus=2)
     with pytest.raises(ConfigError, match=r"cpus per trial=4 but the cluster has 2 CPU"):
