@@ -38,6 +38,12 @@ _logger = logging.getLogger(__name__)
 MARKER_FORMAT = "vitsweep-experiment"
 DEFAULT_STORAGE = "ray_results"
 DEFAULT_TRAINABLE = "trainables.finetune_trainable:train_vit"
+# A sweep with resources.workers > 1: each trial drives a Ray Train TorchTrainer (docs/distributed.md).
+DDP_TRAINABLE = "trainables.distributed:train_vit_ddp"
+
+
+def default_trainable(spec: SweepSpec) -> str:
+    return DDP_TRAINABLE if spec.workers > 1 else DEFAULT_TRAINABLE
 
 
 def detect_local_resources(num_cpus: Optional[float] = None, num_gpus: Optional[float] = None) -> Tuple[float, float]:
@@ -259,7 +265,7 @@ def build_tuner(resolved: ResolvedSweep, storage: Storage, name: str, trainable:
 
     spec = resolved.spec
     if trainable is None:
-        trainable = load_trainable(DEFAULT_TRAINABLE)
+        trainable = load_trainable(default_trainable(spec))
     tune_config = tune.TuneConfig(
         metric=spec.metric,
         mode=spec.mode,
@@ -404,7 +410,7 @@ def run_sweep(
         init_ray(address, num_cpus, num_gpus)
         if available is None:
             check_cluster(spec)
-        trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
+        trainable = trainable or load_trainable(default_trainable(spec))
         write_marker(exp, sweep, trainable_path(trainable))
         tuner = build_tuner(sweep, root, name, trainable, loggers)
         with graceful_stop() as stop:
@@ -432,7 +438,7 @@ def resume_sweep(
     # Markers without "validated" were written by `run`, which always checked the geometry.
     resolved = load_sweep(marker["spec"], source_name=marker.get("source", ""),
                           check_geometry=not marker.get("validated", True))
-    trainable = load_trainable(marker.get("trainable") or DEFAULT_TRAINABLE)
+    trainable = load_trainable(marker.get("trainable") or default_trainable(resolved.spec))
     check_cluster_address(address)
     with experiment_lock(exp, "resume"):
         check_tune_state(exp)  # a corrupt state would make Tune start the experiment afresh

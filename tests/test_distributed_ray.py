@@ -17,7 +17,7 @@ from ray import tune
 from finetune.faults import KillOnce
 from orchestrator.sweep import run_sweep
 from search_spaces import SweepSpec
-from trainables.finetune_trainable import train_vit
+from trainables.distributed import train_vit_ddp
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_a_sigkilled_worker_restarts_the_trial_from_its_checkpoint_each_epoch_re
     kill = KillOnce(marker, epoch=1, batch=1)  # mid-epoch 2, after the epoch-1 checkpoint was reported
     spec = _spec(max_failures=1)
     outcome = run_sweep(spec, storage=tmp_path, name="ddpkill",
-                        trainable=tune.with_parameters(train_vit, callbacks=[kill]))
+                        trainable=tune.with_parameters(train_vit_ddp, callbacks=[kill]))
     assert marker.is_file(), "the fault never fired"
     assert "pid=" in marker.read_text()
     assert outcome.num_errors == 0, [r.error for r in outcome.report.records]

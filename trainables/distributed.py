@@ -1,7 +1,8 @@
 """A data-parallel trial: the Tune trial drives one Ray Train `TorchTrainer`, whose N workers run the same
 `finetune.train.run_training` in a DDP process group that Ray Train creates (NCCL on GPUs, gloo on CPUs).
 
-This is the composition Ray documents for Ray 2.60 (Train V2, the default there): a Tune *function*
+`orchestrator.sweep` passes `train_vit_ddp` to Tune instead of `train_vit` when the sweep's
+``resources.workers`` is above 1. This is the composition Ray documents for Ray 2.60 (Train V2, the default there): a Tune *function*
 trainable launches a `TorchTrainer` per trial; each worker calls ``ray.train.report(metrics,
 checkpoint=...)`` and Ray's ``ray.tune.integration.ray_train.TuneReportCallback`` hands rank 0's metrics
 to Tune. So:

@@ -172,9 +172,8 @@ def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> Non
     ``tune.with_parameters(train_vit, callbacks=[...])``.
     """
     if (config.get(DDP_KEY) or {}).get("workers", 1) > 1:
-        from .distributed import train_vit_ddp
-
-        return train_vit_ddp(config, callbacks)  # DDP on Ray Train workers (trainables/distributed.py)
+        raise ConfigError("this trial is data-parallel (resources.workers > 1): its trainable is "
+                          "trainables.distributed.train_vit_ddp, not train_vit")
     if not config:
         # Not a vitsweep trial: Ray 2.60's restored grid generator can add one trial with an empty
         # config when the driver was killed mid-save (seen under `vitsweep resume`). Every vitsweep
