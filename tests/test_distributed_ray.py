@@ -65,7 +65,11 @@ def test_two_worker_sweep_finishes_every_trial_with_world_size_2(local_ray, tmp_
 
 def test_a_sigkilled_worker_restarts_the_trial_from_its_checkpoint_each_epoch_reported_once(local_ray, tmp_path):
     marker = tmp_path / "killed.marker"
-    kill = KillOnce(marker, epoch=1, batch=1)  # mid-epoch 2, after the epoch-1 checkpoint was reported
+    # mid-epoch 2, once Ray Train's controller has registered the epoch-1 checkpoint (its run snapshot);
+    # killed earlier, within its polling interval, the epoch-1 report is lost and the restart begins
+    # from scratch (each epoch still reaches Tune once)
+    kill = KillOnce(marker, epoch=1, batch=1,
+                    wait_for_glob=str(tmp_path / "ddpkill" / "*" / "ddp" / "checkpoint_manager_snapshot.json"))
     spec = _spec(max_failures=1)
     outcome = run_sweep(spec, storage=tmp_path, name="ddpkill",
                         trainable=tune.with_parameters(train_vit_ddp, callbacks=[kill]))
