@@ -215,7 +215,7 @@ def test_bad_sweep_options_are_named():
         spec_of(searcher="bayes")
     with pytest.raises(ConfigError, match=r"scheduler='ashaa' is not allowed \(did you mean 'asha'\?\)"):
         spec_of(scheduler="ashaa")
-    with pytest.raises(ConfigError, match=r"gpus per trial=1.5: above 1 it must be a whole number"):
+    with pytest.raises(ConfigError, match=r"gpus per trial=1.5: a trial process drives one device; .*--workers-per-trial"):
         spec_of(resources={"gpu": 1.5})
     with pytest.raises(ConfigError, match=r"seeds=\[0, 1\]: optuna samples one configuration"):
         spec_of(searcher="optuna", num_samples=4, seeds=[0, 1])
