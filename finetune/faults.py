@@ -58,7 +58,11 @@ class _StepFault(Callback, abc.ABC):
             if marker.exists():
                 return
             marker.parent.mkdir(parents=True, exist_ok=True)
-            with open(marker, "w") as fh:
+            try:  # "x": of several DDP workers at this step, exactly one fires
+                fh = open(marker, "x")
+            except FileExistsError:
+                return
+            with fh:
                 fh.write(f"{type(self).__name__} pid={os.getpid()} epoch={self.epoch} batch={self.batch}\n")
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -70,14 +74,26 @@ class _StepFault(Callback, abc.ABC):
 
 
 class KillOnce(_StepFault):
-    """Kill this process with `signal` (default SIGKILL) at (epoch, batch), once per `marker_path`."""
+    """Kill this process with `signal` (default SIGKILL) at (epoch, batch), once per `marker_path`.
+
+    `wait_for_glob`: first wait (up to 300 s) until a file matches this glob, e.g. Ray Train's
+    ``checkpoint_manager_snapshot.json``, written once its controller has registered a reported checkpoint
+    (it polls the workers every few seconds; a worker killed before that loses its last report)."""
 
     def __init__(self, marker_path: str | os.PathLike, epoch: int, batch: int, signal: int = _signal.SIGKILL,
-                 only_if: Optional[Mapping[str, Any]] = None) -> None:
+                 only_if: Optional[Mapping[str, Any]] = None, wait_for_glob: Optional[str] = None) -> None:
         super().__init__(epoch, batch, marker_path, only_if)
         self.signal = int(signal)
+        self.wait_for_glob = wait_for_glob
 
     def _fire(self, state: TrainState) -> None:
+        if self.wait_for_glob is not None:
+            import glob
+            import time
+
+            deadline = time.monotonic() + 300
+            while not glob.glob(self.wait_for_glob) and time.monotonic() < deadline:
+                time.sleep(0.2)
         os.kill(os.getpid(), self.signal)
 
 

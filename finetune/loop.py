@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .callbacks import Callback, TrainState
 from .checkpoint import restore_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
+from .distributed import DistContext
 from .errors import ConfigError
 from .gpu_stats import matmul_precision
 from .metrics import Throughput, mfu_metrics, topk_correct
@@ -186,12 +187,15 @@ def train_one_epoch(
     batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
+    dist: Optional[DistContext] = None,
 ) -> Tuple[Dict[str, float], bool]:
     """Train on at most `num_batches` batches of `loader`.
 
     Returns (``{"train/loss", "throughput/train_img_s", "throughput/compute_img_s",
     "time/data_wait_frac"}``, diverged) (`finetune.timing`). The running loss is checked at every log
-    interval; when it is not finite the epoch stops there and `diverged` is True.
+    interval; when it is not finite the epoch stops there and `diverged` is True. With
+    `dist` the loss is the mean over all workers' samples (so every worker takes the same decision),
+    the throughputs the sums of the workers' and the data wait the largest worker's.
     """
     state.model.train()
     loss_sum = torch.zeros((), device=device)
@@ -215,7 +219,7 @@ def train_one_epoch(
             for cb in callbacks:
                 cb.on_train_batch_end(state, i)
             if (i + 1) % cfg.log_interval == 0 or i + 1 == num_batches:
-                running = loss_sum.item() / seen  # one host sync per log interval
+                running = _global_mean(loss_sum, seen, dist)  # one host sync per log interval
                 state.running_loss = running
                 bar.set_postfix(loss=f"{running:.4f}", lr=f"{_current_lr(state.optimizer):.2e}")
                 if not math.isfinite(running):
@@ -224,9 +228,13 @@ def train_one_epoch(
             bar.update(1)
     timer.images = seen
     bar.close()
-    train_loss = loss_sum.item() / max(1, seen)
-    metrics = {"train/loss": train_loss, "throughput/train_img_s": timer.images_per_second,
-               **timing.metrics(seen, timer.seconds)}
+    train_loss = _global_mean(loss_sum, max(1, seen), dist)
+    timing_metrics = timing.metrics(seen, timer.seconds)
+    if dist is not None:
+        timing_metrics = {COMPUTE_IMG_S: _summed(timing_metrics[COMPUTE_IMG_S], dist),
+                          DATA_WAIT: dist.max_float(timing_metrics[DATA_WAIT])}
+    metrics = {"train/loss": train_loss, "throughput/train_img_s": _summed(timer.images_per_second, dist),
+               **timing_metrics}
     return metrics, diverged or not math.isfinite(train_loss)
 
 
@@ -239,9 +247,11 @@ def evaluate(
     autocast_dtype: Optional[torch.dtype] = None,
     max_batches: Optional[int] = None,
     batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    dist: Optional[DistContext] = None,
 ) -> Dict[str, float]:
     """``val/loss`` and ``val/acc{k}`` (fractions in [0, 1]) plus ``throughput/eval_img_s``; all NaN
-    (null in every output) when any logit is not finite."""
+    (null in every output) when any logit is not finite. With `dist` each worker evaluates its shard and
+    the sums are all-reduced: the figures of the whole set."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = torch.zeros((), device=device)
@@ -261,6 +271,10 @@ def evaluate(
             correct += topk_correct(logits, target, topk)
             seen += target.shape[0]
     timer.images = seen
+    if dist is not None:
+        loss_sum, correct = dist.sum_(loss_sum.double()), dist.sum_(correct)
+        finite = dist.sum_((~finite).to(torch.long)) == 0  # every worker agrees on divergence
+        seen = int(dist.sum_floats([seen])[0])
     if seen == 0:
         raise ConfigError("the validation set produced no batches; check --data and --max-val-batches")
     out = {"val/loss": loss_sum.item() / seen}
@@ -269,8 +283,20 @@ def evaluate(
         out[f"val/acc{k}"] = c / seen if ok else float("nan")  # argmax of NaN logits is no accuracy
     if not ok:
         out["val/loss"] = float("nan")
-    out["throughput/eval_img_s"] = timer.images_per_second
+    out["throughput/eval_img_s"] = _summed(timer.images_per_second, dist)
     return out
+
+
+def _global_mean(total: torch.Tensor, count: int, dist: Optional[DistContext]) -> float:
+    """``total / count`` on this worker, or over all workers with `dist`."""
+    if dist is None:
+        return total.item() / count
+    total_all, count_all = dist.sum_floats([total.item(), count])
+    return total_all / max(1.0, count_all)
+
+
+def _summed(value: float, dist: Optional[DistContext]) -> float:
+    return value if dist is None else dist.sum_floats([value])[0]
 
 
 def diverged_val_metrics(topk: Sequence[int]) -> Dict[str, float]:
@@ -314,7 +340,8 @@ def _epoch_metrics(
 
 def _swap_metrics(state: TrainState, resumed: bool, model: nn.Module, val_loader: Iterable, device: torch.device,
                   cfg: TrainConfig, autocast_dtype: Optional[torch.dtype],
-                  batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> Dict[str, float]:
+                  batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]],
+                  dist: Optional[DistContext] = None) -> Dict[str, float]:
     """``swap/loss`` and ``swap/acc{k}``: the model evaluated before its first training step (the
     accuracy of pretrained weights swapped into the variant). A resumed run keeps the ones its
     history holds (its weights are no longer the swapped ones). The evaluation runs between a
@@ -323,7 +350,7 @@ def _swap_metrics(state: TrainState, resumed: bool, model: nn.Module, val_loader
         return {k: v for row in state.history[:1] for k, v in row.items() if k.startswith("swap/")}
     saved = rng_state()
     try:
-        val = evaluate(model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, batch_transform)
+        val = evaluate(model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, batch_transform, dist)
     finally:
         set_rng_state(saved)
     return {"swap/" + k.split("/", 1)[1]: v for k, v in val.items() if k.startswith("val/")}
@@ -357,6 +384,7 @@ def fit(
     progress: bool = True,
     train_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     eval_batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    dist: Optional[DistContext] = None,
 ) -> Dict[str, Any]:
     """Fine-tune `model` for ``cfg.epochs`` epochs; returns ``{"status", "metrics", "history"}``.
 
@@ -368,12 +396,21 @@ def fit(
     start of every epoch. A non-finite training loss stops the run with status ``diverged``
     (reported as a metric, not raised). With ``cfg.eval_at_start`` the model is evaluated once
     before the first epoch and ``swap/loss``, ``swap/acc{k}`` join every epoch's metrics.
+
+    `dist` (`finetune.distributed.DistContext`): this process is one of a data-parallel group; the
+    model trains wrapped in DDP, evaluates unwrapped on its shard, and every metric the callbacks see
+    is already reduced over the workers (memory: the maximum, plus ``memory_per_rank``).
+    `state.model` stays the unwrapped model, so checkpoints and weights look the same at any scale.
     """
     device = device or resolve_device(cfg.device)
     autocast_dtype, use_scaler = resolve_precision(cfg.precision, device)
     set_tf32(device, cfg.tf32)
     model.to(device)
-    forward_model = torch.compile(model) if cfg.compile else model
+    train_model = dist.wrap(model) if dist is not None else model
+    forward_model = torch.compile(train_model) if cfg.compile else train_model
+    # DDP's forward may sync buffers: evaluation (shards of unequal length) runs the plain module.
+    eval_model = forward_model if dist is None else (torch.compile(model) if cfg.compile else model)
+    progress = progress and (dist is None or dist.is_main)
 
     num_batches = len(train_loader) if cfg.max_train_batches is None else min(len(train_loader), cfg.max_train_batches)
     if num_batches == 0:
@@ -390,8 +427,8 @@ def fit(
     else:
         seed_everything(cfg.seed)
     if cfg.eval_at_start:
-        state.static_metrics.update(_swap_metrics(state, resume is not None, forward_model, val_loader, device, cfg,
-                                                  autocast_dtype, eval_batch_transform))
+        state.static_metrics.update(_swap_metrics(state, resume is not None, eval_model, val_loader, device, cfg,
+                                                  autocast_dtype, eval_batch_transform, dist))
     for cb in callbacks:
         cb.on_fit_start(state)
 
@@ -405,17 +442,22 @@ def fit(
             train, diverged = train_one_epoch(
                 state, forward_model, train_loader, criterion, cfg, device=device, num_batches=num_batches,
                 num_classes=num_classes, autocast_dtype=autocast_dtype, mixup=mixup,
-                batch_transform=train_batch_transform, callbacks=callbacks, progress=progress,
+                batch_transform=train_batch_transform, callbacks=callbacks, progress=progress, dist=dist,
             )
             if diverged:
                 val = diverged_val_metrics(cfg.topk)
             else:
-                val = evaluate(forward_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, eval_batch_transform)
+                val = evaluate(eval_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches,
+                               eval_batch_transform, dist)
                 diverged = not math.isfinite(val["val/loss"])  # non-finite outputs in eval only
                 val = diverged_val_metrics(cfg.topk) if diverged else val
         state.epoch += 1
-        metrics = _epoch_metrics(state, train, val, memory.metrics(), time.perf_counter() - epoch_start, device,
+        memory_metrics = memory.metrics() if dist is None else dist.reduce_memory(memory.metrics())
+        seconds = time.perf_counter() - epoch_start if dist is None else dist.max_float(time.perf_counter() - epoch_start)
+        metrics = _epoch_metrics(state, train, val, memory_metrics, seconds, device,
                                  matmul_precision(cfg.precision, cfg.tf32))
+        if dist is not None and metrics.get("throughput/mfu") is not None:
+            metrics["throughput/mfu"] /= dist.world_size  # summed throughput over one device's peak each
         if diverged:
             state.should_stop, state.stop_reason = True, "diverged"
         status = "diverged" if diverged else ("finished" if state.epoch >= cfg.epochs else "running")
@@ -423,7 +465,8 @@ def fit(
         state.history.append(metrics)
         for cb in callbacks:
             cb.on_epoch_end(state, metrics)
-        _logger.info("%s", epoch_summary(metrics, cfg.epochs, cfg.topk))
+        if dist is None or dist.is_main:
+            _logger.info("%s", epoch_summary(metrics, cfg.epochs, cfg.topk))
     if state.should_stop and status == "running":
         status = state.stop_reason or "stopped"
     result = {"status": status, "metrics": state.history[-1] if state.history else {}, "history": state.history}

@@ -19,6 +19,7 @@ import timm
 import torch
 
 from .callbacks import Callback, TrainState
+from .distributed import DistContext
 from .config import TrainConfig
 from .errors import AttentionConfigError, ConfigError, TrainingOOMError
 from .inference_profile import InferenceProfileCallback, analytic_memory_metrics
@@ -151,6 +152,7 @@ def run_training(
     local_checkpoints: bool = True,
     before_write: Optional[Callable[[], None]] = None,
     extra_result: Optional[Mapping[str, Any]] = None,
+    dist: Optional[DistContext] = None,
 ) -> Dict[str, Any]:
     """Validate everything, then train; nothing is written under `out_dir` before validation passes.
 
@@ -158,7 +160,9 @@ def run_training(
     (`finetune.checkpoint.check_resume_config`). `before_write` runs once, after the config, the
     checkpoint, the data and the model have been checked and built and before anything is written
     under `out_dir` (`vitsweep train --overwrite` moves the previous run aside there). `extra_result`:
-    fields added to the result (and result.json), e.g. the nodes a sweep trial ran on.
+    fields added to the result (and result.json), e.g. the nodes a sweep trial ran on. `dist`
+    (`finetune.distributed.DistContext`): one worker of a data-parallel run; every worker trains,
+    rank 0 alone writes under `out_dir` (the others return the same result without writing).
 
     Returns ``{"status", "metrics", "history", "config", ...}`` (also written to result.json).
     """
@@ -169,7 +173,7 @@ def run_training(
     resume = read_checkpoint(resume_from) if resume_from else None
     if resume is not None:
         check_resume_config(resume["meta"], cfg, resume_from)
-    device = resolve_device(cfg.device)
+    device = dist.device if dist is not None else resolve_device(cfg.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # cuda:N: kernels, NCCL and libraries that use the current device agree
     seed_everything(cfg.seed)
@@ -198,7 +202,9 @@ def run_training(
     )
     static = cost_metrics(model, preprocessing.input_size[1:], cache=True)  # once per architecture
     static.update(analytic_memory_metrics(model, cfg.batch_size, resolve_precision(cfg.precision, device)[0]))
-    train_loader, val_loader = build_loaders(bundle, cfg.batch_size, cfg.num_workers, device, cfg.seed)
+    train_loader, val_loader = build_loaders(bundle, cfg.batch_size, cfg.num_workers, device, cfg.seed, dist=dist)
+    if dist is not None and not dist.is_main:
+        out_dir, before_write = None, None  # rank 0 writes
 
     callbacks: List[Callback] = list(callbacks)
     writer = None
@@ -223,6 +229,7 @@ def run_training(
             model, train_loader, val_loader, cfg, callbacks,
             num_classes=bundle.num_classes, device=device, resume=resume, static_metrics=static, progress=progress,
             train_batch_transform=bundle.train_batch_transform, eval_batch_transform=bundle.eval_batch_transform,
+            dist=dist,
         )
     except torch.cuda.OutOfMemoryError as err:
         # Leave the except block first: its traceback pins every activation of the failed step.
@@ -265,6 +272,7 @@ def run_training(
                 "torch": torch.__version__,
                 "timm": timm.__version__,
                 "python": platform.python_version(),
+                **(dist.describe() if dist is not None else {"world_size": 1}),
             },
         }
     )

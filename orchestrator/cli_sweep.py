@@ -77,6 +77,7 @@ def run_overrides(args: argparse.Namespace) -> SweepOverrides:
         num_samples=args.num_samples,
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
+        workers_per_trial=args.workers_per_trial,
         max_concurrent=args.max_concurrent,
         scheduler=args.scheduler,
         searcher=args.searcher,
@@ -180,8 +181,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="start afresh where STORAGE/NAME exists: it is first moved aside to NAME.old-<time> "
                           "(local storage only; never while a driver runs it)")
     run.add_argument("--num-samples", type=int, help="grid/random: repeats of the space; optuna: trials")
-    run.add_argument("--gpus-per-trial", type=_positive_float, help="GPUs per trial; fractions share a GPU (0.5)")
-    run.add_argument("--cpus-per-trial", type=_positive_float, help="CPUs per trial")
+    run.add_argument("--gpus-per-trial", type=_positive_float,
+                     help="GPUs per trial (per worker with --workers-per-trial); fractions share a GPU (0.5); above 1 "
+                          "is refused: use --workers-per-trial N --gpus-per-trial 1")
+    run.add_argument("--cpus-per-trial", type=_positive_float, help="CPUs per trial (per worker with --workers-per-trial)")
+    run.add_argument("--workers-per-trial", type=int,
+                     help="data-parallel workers per trial (default 1): each trial trains with DDP through Ray Train's "
+                          "TorchTrainer on N workers, batch_size is the global batch (docs/distributed.md)")
     run.add_argument("--max-concurrent", type=int,
                      help="at most this many trials at once (grid/random then create trials lazily: a driver "
                           "killed mid-sweep may lose trials not yet created; limit by --cpus-per-trial instead)")

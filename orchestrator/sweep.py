@@ -43,6 +43,12 @@ _logger = logging.getLogger(__name__)
 MARKER_FORMAT = "vitsweep-experiment"
 DEFAULT_STORAGE = "ray_results"
 DEFAULT_TRAINABLE = "trainables.finetune_trainable:train_vit"
+# A sweep with resources.workers > 1: each trial drives a Ray Train TorchTrainer (docs/distributed.md).
+DDP_TRAINABLE = "trainables.distributed:train_vit_ddp"
+
+
+def default_trainable(spec: SweepSpec) -> str:
+    return DDP_TRAINABLE if spec.workers > 1 else DEFAULT_TRAINABLE
 
 
 def detect_local_resources(num_cpus: Optional[float] = None, num_gpus: Optional[float] = None) -> Tuple[float, float]:
@@ -254,7 +260,27 @@ def default_name(spec: SweepSpec) -> str:
 
 
 def _trial_resources(spec: SweepSpec) -> Dict[str, float]:
+    """What Tune reserves for a trial's process. A data-parallel trial (``resources.workers`` > 1) only
+    drives a `TorchTrainer` whose workers ask Ray for their own CPUs/GPUs: Tune reserves a token (one byte
+    of the ``memory`` resource, as Ray refuses an empty request) and `_max_concurrent` bounds the trials."""
+    if spec.workers > 1:
+        return {"cpu": 0, "gpu": 0, "memory": 1}
     return {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]}
+
+
+def _max_concurrent(spec: SweepSpec) -> Optional[int]:
+    """The sweep's limit on running trials; for data-parallel trials also what the cluster can place at
+    once (each trial's workers x per-worker resources), so that no trial waits on workers Ray cannot start."""
+    import ray
+
+    if spec.workers <= 1 or not ray.is_initialized():
+        return spec.max_concurrent
+    total = ray.cluster_resources()
+    fits = [total.get("CPU", 0.0) / (spec.workers * spec.resources["cpu"])]
+    if spec.resources["gpu"]:
+        fits.append(total.get("GPU", 0.0) / (spec.workers * spec.resources["gpu"]))
+    limit = max(1, int(min(fits)))
+    return min(limit, spec.max_concurrent) if spec.max_concurrent else limit
 
 
 def build_tuner(resolved: ResolvedSweep, storage: Storage, name: str, trainable: Optional[Callable] = None,
@@ -268,14 +294,14 @@ def build_tuner(resolved: ResolvedSweep, storage: Storage, name: str, trainable:
 
     spec = resolved.spec
     if trainable is None:
-        trainable = load_trainable(DEFAULT_TRAINABLE)
+        trainable = load_trainable(default_trainable(spec))
     tune_config = tune.TuneConfig(
         metric=spec.metric,
         mode=spec.mode,
         search_alg=resolved.make_searcher(),
         scheduler=resolved.make_scheduler(),
         num_samples=spec.num_samples,
-        max_concurrent_trials=spec.max_concurrent,
+        max_concurrent_trials=_max_concurrent(spec),
         reuse_actors=spec.actor_reuse,  # the rule: SweepSpec.actor_reuse
         trial_dirname_creator=trial_dirname,
     )
@@ -436,7 +462,7 @@ def run_sweep(
         init_ray(address, num_cpus, num_gpus, metrics_export_port)
         if available is None:
             check_cluster(spec)
-        trainable = trainable or load_trainable(DEFAULT_TRAINABLE)
+        trainable = trainable or load_trainable(default_trainable(spec))
         write_marker(exp, sweep, trainable_path(trainable))
         tuner = build_tuner(sweep, root, name, trainable, loggers)
         with _disk_errors(exp), graceful_stop(exp.uri) as stop:  # the report too: a second Ctrl-C there still prints the hint
@@ -478,7 +504,7 @@ def resume_sweep(
     # Markers without "validated" were written by `run`, which always checked the geometry.
     resolved = load_sweep(marker["spec"], source_name=marker.get("source", ""),
                           check_geometry=not marker.get("validated", True))
-    trainable = load_trainable(marker.get("trainable") or DEFAULT_TRAINABLE)
+    trainable = load_trainable(marker.get("trainable") or default_trainable(resolved.spec))
     check_cluster_address(address)
     metrics_export_port = check_export_port(metrics_export_port, address)
     with experiment_lock(exp, "resume"):

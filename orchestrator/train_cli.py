@@ -216,6 +216,8 @@ def lock_out_dir(out: Path):
 
 
 def _train(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and int(os.environ.get("RANK", "0") or 0) != 0:
+        return _train_locked(args)  # a torchrun worker other than rank 0: rank 0 checks and locks --out
     check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before the lock: no write
     lock = lock_out_dir(Path(args.out).expanduser())
     try:
@@ -227,12 +229,16 @@ def _train(args: argparse.Namespace) -> int:
 def _train_locked(args: argparse.Namespace) -> int:
     import json
 
+    from finetune.distributed import DistContext
     from finetune.outputs import OutputDir
     from finetune.train import run_training
 
-    out = check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # again, under the lock
     cfg = config_from_args(args, args.config)
-    move = args.overwrite and out.is_dir() and any(out.iterdir())
+    # Under torchrun (WORLD_SIZE > 1): one DDP worker; rank 0 checks and writes --out (docs/distributed.md).
+    dist = DistContext.from_env(cfg.device)
+    main_rank = dist is None or dist.is_main
+    out = check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite) if main_rank else Path(args.out)
+    move = main_rank and args.overwrite and out.is_dir() and any(out.iterdir())
 
     def before_write() -> None:
         if move:
@@ -243,7 +249,10 @@ def _train_locked(args: argparse.Namespace) -> int:
 
     resume_from = out / "checkpoint" if args.resume else None
     _show_epoch_lines()
-    result = run_training(cfg, out, resume_from=resume_from, progress=not args.no_progress, before_write=before_write)
+    result = run_training(cfg, out, resume_from=resume_from, progress=not args.no_progress,
+                          before_write=before_write if main_rank else None, dist=dist)
+    if not main_rank:
+        return 0
     final = {k: v for k, v in result["metrics"].items()
              if k.startswith(("val/", "train/", "cost/", "throughput/", "memory/", "time/"))}
     if args.json:

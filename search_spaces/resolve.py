@@ -37,6 +37,7 @@ class SweepOverrides:
     num_samples: Optional[int] = None
     cpus_per_trial: Optional[float] = None
     gpus_per_trial: Optional[float] = None
+    workers_per_trial: Optional[int] = None
     max_concurrent: Optional[int] = None
     scheduler: Optional[str] = None
     searcher: Optional[str] = None
@@ -52,7 +53,8 @@ class SweepOverrides:
         for key in ("num_samples", "max_concurrent", "scheduler", "searcher", "max_failures"):
             if getattr(self, key) is not None:
                 merged[key] = getattr(self, key)
-        resources = {k: v for k, v in (("cpu", self.cpus_per_trial), ("gpu", self.gpus_per_trial)) if v is not None}
+        resources = {k: v for k, v in (("cpu", self.cpus_per_trial), ("gpu", self.gpus_per_trial),
+                                       ("workers", self.workers_per_trial)) if v is not None}
         if resources:
             merged["resources"] = _merge(values.get("resources"), resources)
         if self.fixed:

@@ -26,7 +26,9 @@ here through `SweepSpec.from_dict`, so they share one schema and one validator:
     num_samples: 1                 # grid/random: repeats of the whole space; optuna: number of trials
     metric: val/acc1
     mode: max
-    resources: {cpu: 1, gpu: 0}    # per trial; gpu may be a fraction (0.5 = two trials per GPU)
+    resources: {cpu: 1, gpu: 0}    # per trial; gpu may be a fraction (0.5 = two trials per GPU), at most 1
+                                   # workers: N (default 1): each trial is DDP on N Ray Train workers, and
+                                   # cpu/gpu are per worker (docs/distributed.md)
     max_concurrent: null           # at most this many trials at once (null: as resources allow)
     max_failures: 2                # retries of a failed trial, from its last checkpoint
     num_to_keep: 2                 # checkpoints kept per trial (best by val/acc1)
@@ -70,7 +72,8 @@ TOP_LEVEL_KEYS = (
 DATA_CACHE_KEYS = ("size", "dir")
 BLOCK_KEYS = ("variant", "fixed", "search", "label")
 ASHA_KEYS = ("grace_period", "reduction_factor", "max_t")
-RESOURCE_KEYS = ("cpu", "gpu")
+RESOURCE_KEYS = ("cpu", "gpu", "workers")
+MAX_WORKERS = 1024
 # An experiment name is one directory under the storage root; a label names a variant in tables and
 # trial directories: neither may contain a path separator or climb out with "..".
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -295,8 +298,19 @@ class SweepSpec:
             raise ConfigError(f"cpus per trial={cpu!r} (resources.cpu, --cpus-per-trial) must be a finite number > 0")
         if not _finite_number(gpu) or gpu < 0:
             raise ConfigError(f"gpus per trial={gpu!r} (resources.gpu, --gpus-per-trial) must be a finite number >= 0")
-        if gpu > 1 and gpu != int(gpu):
-            raise ConfigError(f"gpus per trial={gpu}: above 1 it must be a whole number (Ray packs fractions <= 1 only)")
+        if gpu > 1:
+            n = int(gpu) if gpu == int(gpu) else 2
+            raise ConfigError(
+                f"gpus per trial={gpu:g}: a trial process drives one device; for data-parallel training on {n} GPUs "
+                f"use --workers-per-trial {n} --gpus-per-trial 1 (resources: {{workers: {n}, gpu: 1}})"
+            )
+        workers = self.resources.get("workers", 1)
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+            raise ConfigError(f"workers per trial={workers!r} (resources.workers, --workers-per-trial) must be an "
+                              f"integer in 1..{MAX_WORKERS}")
+        if workers > 1 and gpu not in (0, 1):
+            raise ConfigError(f"gpus per worker={gpu:g} with {workers} workers per trial: give each DDP worker a "
+                              "whole GPU (1) or none (0); NCCL cannot share one GPU between ranks")
         if self.data_cache is not None:
             self._check_data_cache()
         if self.searcher == "optuna":
@@ -344,8 +358,13 @@ class SweepSpec:
         own run outputs and checkpoints (`trainables.finetune_trainable`).
         """
         if self.reuse_actors is None:
-            return not self.resources.get("gpu")
+            return not self.resources.get("gpu") and self.workers == 1
         return bool(self.reuse_actors)
+
+    @property
+    def workers(self) -> int:
+        """Ray Train workers per trial (1: the trial trains in its own process, no Ray Train)."""
+        return int(self.resources.get("workers", 1))
 
     def domains(self) -> List[Domain]:
         return list(self.search.values()) + [d for b in self.variants for d in b.search.values()]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, Optional
 
-from trainables.layout import ARCH_KEY, LABEL_KEY, SEARCH_KEY
+from trainables.layout import ARCH_KEY, DDP_KEY, LABEL_KEY, SEARCH_KEY
 
 from .domains import Domain
 from .spec import SweepSpec
@@ -36,6 +36,7 @@ def param_space(spec: SweepSpec) -> Dict[str, Any]:
     if spec.searcher == "optuna":
         return {}
     space: Dict[str, Any] = dict(spec.fixed)
+    space.update(ddp_block(spec))
     space.update({k: _tune_domain(d, spec.searcher) for k, d in spec.search.items()})
     space["seed"] = tune.grid_search(list(spec.seeds)) if len(spec.seeds) > 1 else spec.seeds[0]
     blocks = []
@@ -48,6 +49,16 @@ def param_space(spec: SweepSpec) -> Dict[str, Any]:
     else:
         space[ARCH_KEY] = tune.grid_search(blocks)
     return space
+
+
+def ddp_block(spec: SweepSpec) -> Dict[str, Any]:
+    """``{DDP_KEY: {...}}`` for a sweep whose trials run on several Ray Train workers, else nothing: what
+    the trainable needs to start its `TorchTrainer` (workers, per-worker resources, retries, checkpoints
+    kept). It travels in the trial config, so a resumed experiment keeps it."""
+    if spec.workers <= 1:
+        return {}
+    return {DDP_KEY: {"workers": spec.workers, "cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"],
+                      "max_failures": spec.max_failures, "num_to_keep": spec.num_to_keep}}
 
 
 class DefineByRun:
@@ -82,6 +93,7 @@ class DefineByRun:
         block = spec.variants[labels.index(label)]
         # Copies: the parsed spec is shared by every trial.
         config: Dict[str, Any] = copy.deepcopy(spec.fixed)
+        config.update(ddp_block(spec))
         config["seed"] = spec.seeds[0]
         for key, domain in spec.search.items():
             config[key] = domain.suggest(trial, f"{SEARCH_KEY}/{key}")

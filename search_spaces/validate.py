@@ -102,6 +102,9 @@ def check_trial_configs(spec: SweepSpec, check_geometry: bool = True) -> List[Tr
         try:
             cfg = TrainConfig.from_dict(flat)
             _check_metric(spec, block, cfg)
+            if cfg.batch_size % spec.workers:
+                raise ConfigError(f"batch_size={cfg.batch_size} is the global batch and must be divisible by the "
+                                  f"{spec.workers} workers per trial; allowed: a multiple of {spec.workers}")
             key = repr(sorted((k, v) for k, v in cfg.to_dict().items() if k not in OPTIMISATION_KEYS))
             if check_geometry and key not in geometry_checked:
                 check_config(cfg)
@@ -133,8 +136,16 @@ def _check_topk(cfg: TrainConfig) -> None:
 
 
 def validate_resources(spec: SweepSpec, available_cpus: float, available_gpus: float) -> None:
-    """Per-trial resources must fit the cluster (or the local instance about to be started)."""
+    """Per-trial resources must fit the cluster (or the local instance about to be started). With
+    ``resources.workers`` N > 1, cpu and gpu are per worker: the trial needs N times them."""
     cpu, gpu = spec.resources["cpu"], spec.resources["gpu"]
+    workers = spec.workers
+    if workers > 1 and (workers * cpu > available_cpus or workers * gpu > available_gpus):
+        raise ConfigError(
+            f"{workers} workers per trial x (cpu {cpu:g}, gpu {gpu:g}) per worker = {workers * cpu:g} CPU(s), "
+            f"{workers * gpu:g} GPU(s), but the cluster has {available_cpus:g} CPU(s), {available_gpus:g} GPU(s); "
+            "lower --workers-per-trial or the per-worker --cpus-per-trial/--gpus-per-trial"
+        )
     if gpu > available_gpus:
         raise ConfigError(
             f"gpus per trial={gpu} but the cluster has {available_gpus:g} GPU(s); lower --gpus-per-trial, "

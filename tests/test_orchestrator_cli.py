@@ -62,8 +62,9 @@ def test_run_validates_the_sweep_once_before_refusing_it(capsys, tmp_path, valid
 def test_more_gpus_per_trial_than_the_cluster_has(capsys, tmp_path):
     _refused(capsys, ["run", "--preset", "smoke", "--gpus-per-trial", "1", "--num-gpus", "0", "--storage", str(tmp_path)],
              "gpus per trial=1", "cluster has 0 GPU")
+    # above 1: refused whatever the cluster has, pointing to data-parallel workers (docs/distributed.md)
     _refused(capsys, ["run", "--preset", "smoke", "--gpus-per-trial", "2", "--num-gpus", "1", "--storage", str(tmp_path)],
-             "gpus per trial=2", "cluster has 1 GPU")
+             "gpus per trial=2", "--workers-per-trial 2 --gpus-per-trial 1")
 
 
 def test_bad_sweep_options(capsys, tmp_path):

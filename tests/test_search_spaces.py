@@ -215,7 +215,7 @@ def test_bad_sweep_options_are_named():
         spec_of(searcher="bayes")
     with pytest.raises(ConfigError, match=r"scheduler='ashaa' is not allowed \(did you mean 'asha'\?\)"):
         spec_of(scheduler="ashaa")
-    with pytest.raises(ConfigError, match=r"gpus per trial=1.5: above 1 it must be a whole number"):
+    with pytest.raises(ConfigError, match=r"gpus per trial=1.5: a trial process drives one device; .*--workers-per-trial"):
         spec_of(resources={"gpu": 1.5})
     with pytest.raises(ConfigError, match=r"seeds=\[0, 1\]: optuna samples one configuration"):
         spec_of(searcher="optuna", num_samples=4, seeds=[0, 1])
@@ -224,8 +224,8 @@ def test_bad_sweep_options_are_named():
 
 
 def test_resources_beyond_the_cluster_are_rejected():
-    spec = spec_of(resources={"cpu": 1, "gpu": 2})
-    with pytest.raises(ConfigError, match=r"gpus per trial=2 but the cluster has 0 GPU"):
+    spec = spec_of(resources={"cpu": 1, "gpu": 1})
+    with pytest.raises(ConfigError, match=r"gpus per trial=1 but the cluster has 0 GPU"):
         validate_resources(spec, available_cpus=2, available_gpus=0)
     validate_resources(spec, available_cpus=2, available_gpus=2)
     with pytest.raises(ConfigError, match=r"cpus per trial=4 but the cluster has 2 CPU"):

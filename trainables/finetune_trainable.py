@@ -47,7 +47,7 @@ from finetune.io_utils import copy_tree_atomically
 from finetune.train import release_device_memory, run_training
 
 from . import ray_metrics
-from .layout import ARCH_KEY, LABEL_KEY, RUN_SUBDIR, flatten_trial_config
+from .layout import ARCH_KEY, DDP_KEY, LABEL_KEY, RUN_SUBDIR, flatten_trial_config
 
 _logger = logging.getLogger(__name__)
 
@@ -160,16 +160,20 @@ class TuneReportCallback(Callback):
         self.reports = 0
         self.defer_final = defer_final
         self.pending: Optional[Dict[str, Any]] = None  # the held-back final report: metrics, checkpoint dir
+        self.publishes = True  # Ray gauges and the log prefix: one process per trial (rank 0 of a DDP trial)
 
     def on_fit_start(self, state: TrainState) -> None:
-        ray_metrics.announce_trial(self.label, state)  # the worker's log lines carry the trial's label
+        if self.publishes:
+            ray_metrics.announce_trial(self.label, state)  # the worker's log lines carry the trial's label
 
     def on_train_batch_end(self, state: TrainState, batch_idx: int) -> None:
-        ray_metrics.publish_step(self.label, state)  # the running loss as a Ray gauge; no host sync
+        if self.publishes:
+            ray_metrics.publish_step(self.label, state)  # the running loss as a Ray gauge; no host sync
 
     def on_epoch_end(self, state: TrainState, metrics: Dict[str, Any]) -> None:
         self.reports += 1
-        ray_metrics.publish_epoch(self.label, state, metrics)  # live Ray gauges (trainables.ray_metrics)
+        if self.publishes:
+            ray_metrics.publish_epoch(self.label, state, metrics)  # live Ray gauges (trainables.ray_metrics)
         metrics = {**reportable(metrics), "variant_label": self.label}
         final = self.defer_final and metrics.get("status") in FINAL_STATUSES
         if metrics.get("status") == "diverged":
@@ -177,7 +181,7 @@ class TuneReportCallback(Callback):
             if final:
                 self.pending = {"metrics": metrics, "checkpoint": None}
             else:
-                tune.report(metrics)
+                self._report(metrics, None)
             return
         if final:
             directory = tempfile.mkdtemp(prefix="vitsweep-ckpt-")
@@ -186,7 +190,11 @@ class TuneReportCallback(Callback):
             return
         with tempfile.TemporaryDirectory(prefix="vitsweep-ckpt-") as directory:
             self._write_checkpoint(state, directory)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+            self._report(metrics, directory)
+
+    def _report(self, metrics: Dict[str, Any], directory: Optional[str]) -> None:
+        """One report to Tune (`trainables.distributed` overrides it with Ray Train's report)."""
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
 
     def _write_checkpoint(self, state: TrainState, directory: str) -> None:
         save_checkpoint(state, directory)
@@ -199,9 +207,7 @@ class TuneReportCallback(Callback):
             return False
         pending, self.pending = self.pending, None
         try:
-            directory = pending["checkpoint"]
-            checkpoint = tune.Checkpoint.from_directory(directory) if directory else None
-            tune.report(pending["metrics"], checkpoint=checkpoint)
+            self._report(pending["metrics"], pending["checkpoint"])
         finally:
             if pending["checkpoint"]:
                 shutil.rmtree(pending["checkpoint"], ignore_errors=True)
@@ -220,6 +226,9 @@ def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> Non
     `callbacks` run after Tune's reporter, e.g. fault injection from `finetune.faults`; pass them with
     ``tune.with_parameters(train_vit, callbacks=[...])``.
     """
+    if (config.get(DDP_KEY) or {}).get("workers", 1) > 1:
+        raise ConfigError("this trial is data-parallel (resources.workers > 1): its trainable is "
+                          "trainables.distributed.train_vit_ddp, not train_vit")
     if not config:
         # Not a vitsweep trial: Ray 2.60's restored grid generator can add one trial with an empty
         # config when the driver was killed mid-save (seen under `vitsweep resume`). Every vitsweep

@@ -15,6 +15,9 @@ from typing import Any, Dict
 ARCH_KEY = "arch"
 LABEL_KEY = "_label"
 SEARCH_KEY = "_search"
+# Present when a trial runs data-parallel on Ray Train workers: {"workers", "cpu", "gpu", "max_failures",
+# "num_to_keep"} (search_spaces.tune_space.ddp_block; trainables.distributed reads it).
+DDP_KEY = "_ddp"
 # A trial's own run outputs (result.json, weights, tb/) go to <trial dir>/run/: Tune writes its own
 # result.json in the trial directory.
 RUN_SUBDIR = "run"
@@ -22,7 +25,7 @@ RUN_SUBDIR = "run"
 
 def flatten_trial_config(config: Dict[str, Any]) -> Dict[str, Any]:
     """A trial config as flat TrainConfig keys: ``arch`` merged in, bookkeeping dropped."""
-    flat = {k: v for k, v in config.items() if k not in (ARCH_KEY, SEARCH_KEY)}
+    flat = {k: v for k, v in config.items() if k not in (ARCH_KEY, SEARCH_KEY, DDP_KEY)}
     for key, value in (config.get(ARCH_KEY) or {}).items():
         if key != LABEL_KEY:
             flat[key] = value

@@ -51,6 +51,7 @@ def build_loaders(
     device: torch.device,
     seed: int,
     eval_batch_size: Optional[int] = None,
+    dist=None,
 ) -> Tuple[DataLoader, DataLoader]:
     """(train, val) loaders for a DataBundle.
 
@@ -59,6 +60,10 @@ def build_loaders(
     `seed`) draws the workers' base seed, so torch's global RNG is not touched and worker seeds
     depend on `seed` alone. It drops the last partial batch only when the dataset holds at least one
     full batch. Workers (num_workers > 0) are persistent and seed numpy/random from torch.
+
+    With `dist` (a `finetune.distributed.DistContext`), `batch_size` is the global batch: this worker
+    loads ``batch_size / world_size`` per step from its share of the same permutation
+    (`DistributedEpochSampler`) and its shard of the validation set (`ShardSampler`).
     """
     common = dict(
         num_workers=num_workers,
@@ -66,13 +71,24 @@ def build_loaders(
         persistent_workers=num_workers > 0,
         worker_init_fn=seed_worker,
     )
+    eval_batch_size = eval_batch_size or batch_size
+    sampler: Sampler[int] = EpochSampler(len(bundle.train), seed * SEED_STRIDE)
+    val_sampler = None
+    if dist is not None:
+        from ..distributed import DistributedEpochSampler, ShardSampler
+
+        batch_size = dist.local_batch_size(batch_size)
+        eval_batch_size = max(1, eval_batch_size // dist.world_size)
+        sampler = DistributedEpochSampler(len(bundle.train), seed * SEED_STRIDE, dist.rank, dist.world_size)
+        val_sampler = ShardSampler(len(bundle.val), dist.rank, dist.world_size)
     train = DataLoader(
         bundle.train,
         batch_size=batch_size,
-        sampler=EpochSampler(len(bundle.train), seed * SEED_STRIDE),
+        sampler=sampler,
         generator=torch.Generator().manual_seed(seed * SEED_STRIDE),
-        drop_last=len(bundle.train) >= batch_size,
+        drop_last=len(sampler) >= batch_size,
         **common,
     )
-    val = DataLoader(bundle.val, batch_size=eval_batch_size or batch_size, shuffle=False, drop_last=False, **common)
+    val = DataLoader(bundle.val, batch_size=eval_batch_size, sampler=val_sampler, shuffle=False, drop_last=False,
+                     **common)
     return train, val
