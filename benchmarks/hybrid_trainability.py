@@ -49,7 +49,7 @@ def _train(model, data, epochs: int, lr: float):
             loss.backward()
             opt.step()
         accs.append(_accuracy(model, xva, yva))
-    return accs, float(loss)
+    return accs, float(loss.detach())
 
 
 def main(tag: str = "") -> None:

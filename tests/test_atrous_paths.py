@@ -118,14 +118,15 @@ def test_window_kernels_respect_storage_offsets():
 # ---------------------------------------------------------------- torch.compile (issue 18 item 5)
 
 
-@pytest.mark.parametrize("backend,gate,dilation", [("aot_eager", True, (1, 2, 3)), ("inductor", False, (1, 2))])
-def test_compiles_fullgraph_and_matches_eager(backend, gate, dilation):
+@pytest.mark.parametrize("gate,dilation", [(True, (1, 2, 3)), (False, (1, 2))])
+def test_compiles_fullgraph_and_matches_eager(gate, dilation):
     """fullgraph=True: no graph break (before: "torch.* op returned non-Tensor" at the shift kernels'
     storage_offset), hence no .item() / int(tensor) / data-dependent branch either; forward and input
     gradients match eager (compiled: pad-and-slice window products under plain autograd; eager: shift
-    kernels under `_Recompute`) within fp32 rounding. aot_eager traces dynamo + AOTAutograd (where graph
-    breaks happen) with the gate and three head groups; inductor also generates the fused kernels (two
-    groups: its build time grows with the number of shifts)."""
+    kernels under `_Recompute`) within fp32 rounding. aot_eager runs dynamo + AOTAutograd (where graph
+    breaks happen) on eager kernels; inductor's C++ build takes minutes on 2 CPU cores (as in
+    tests/test_compile.py), so its run is recorded in BENCHMARKS.md (max diff 6.6e-7 forward, 9.5e-7
+    gradients), not repeated here."""
     torch._dynamo.reset()
     grid, prefix, window, heads = (5, 6), 1, 3, 3
     W = orthogonal_random_features(16, 16, torch.Generator().manual_seed(1))
@@ -134,7 +135,7 @@ def test_compiles_fullgraph_and_matches_eager(backend, gate, dilation):
     def core(q, k, v, far):
         return atrous_linear_attention(q, k, v, W, grid, prefix, dilation, window, far_weight=far)
 
-    compiled = torch.compile(core, fullgraph=True, backend=backend)
+    compiled = torch.compile(core, fullgraph=True, backend="aot_eager")
     leaves = [qkv] + ([far] if gate else [])
     out = compiled(q, k, v, far)
     want = core(q, k, v, far)
