@@ -1,198 +1,35 @@
 """Hybrid atrous-linear attention (ours): exact dilated local windows + a window-checked estimate of the tail.
 
-Intuition. In most heads of a ViT, softmax attention puts most of each row's mass on a few nearby
-patches (and CLS), with a long, flat tail over the rest of the image. The two families of efficient
-attention each get one half right:
+Heads are split into groups, one per dilation rate r. A patch query attends *exactly* to its
+``window x window`` neighbourhood sampled at stride r on the ``Hp x Wp`` grid and to the prefix
+(CLS/register) keys (atrous attention: ACC-ViT, DilateFormer). Everything outside the window is
+estimated in O(N m D) inside the same normalisation (Scatterbrain's sparse + low-rank split,
+Chen et al. 2021): FAVOR+ kernel sums over all keys minus their window terms, a zero-variance
+mean-field tail, and, where the window is a random sample of the row, a mean field calibrated by the
+window's own Jensen gap. The window's exact terms score the estimators per query and switch between
+the estimates per (image, head); no learned parameter, so pretrained softmax weights transfer, and a
+window covering the grid is exact softmax. Prefix queries attend to all N keys exactly.
 
-* From atrous attention (ACC-ViT, Rahman et al. 2024; DilateFormer, Jiao et al. 2023) we take the
-  local half: heads are split into groups, one per dilation rate r in `dilation`, and a patch query
-  attends *exactly* to its ``window x window`` neighbourhood sampled at stride r on the ``Hp x Wp``
-  grid (positions off the grid are padded and masked), and to the prefix (CLS/register) keys.
-* From kernel methods (Performer's FAVOR+ positive random features, Choromanski et al. 2021) and the
-  sparse + low-rank split of Scatterbrain (Chen et al. 2021) we take a linear-cost estimate of
-  everything outside the window: ``phi(q_i)^T sum_{j not in W(i)} phi(k_j) [v_j, 1]``, the global
-  feature sums minus the window's own terms, in O(N m D).
+The design, its derivation, the measured fidelity in every regime (local, weak, non-local, iid),
+speed, memory and what was tried and dropped are in docs/attention.md, section "atrous_linear
+(hybrid)". The code below follows its stages: `_exact_logits`, `_feature_logits`, `_stabilisers`,
+`_exponentials`, `_window_checks`, `_combine`.
 
-Both halves estimate the same terms ``exp(s_ij)``, ``s_ij = q_i . k_j / sqrt(D)``, inside *one*
-normalisation::
-
-    num_i = sum_{j in W(i)} exp(s_ij) v_j + T_i^num        den_i = sum_{j in W(i)} exp(s_ij) + T_i^den
-    out_i = num_i / den_i
-
-and the design question is the tail estimate T_i. The first version used Performer's features
-unchanged: ``phi = m^-1/2 (exp(W k' - |k'|^2/2 - c) + eps)`` with eps = 1e-4 (performer-pytorch). That
-is exact in its formula but fails in the regime it was made for: on a ViT's own activations (logit
-std ~2.4) the kernel parts of phi underflow against eps, so the eps terms (a uniform weight on every
-key) carried ~100 % of the tail and swamped the exact window (~1e-4 of the mass): the output was the
-plain average of the values. On synthetic local attention (below) it was worse than simply dropping
-the tail whenever the window held most of the mass. What it is now:
-
-1. **No eps, keys centred.** The features are FAVOR+'s kernel parts only; every term of a row (exact
-   and estimated) shares one stabiliser, so the exact window can no longer be swamped. Keys are
-   centred on their patch mean first: ``q_i . (k_j - mu)`` differs from ``q_i . k_j`` by a per-row
-   constant, so softmax is unchanged, while FAVOR+'s variance (~ exp|q' + k'|^2) drops when the keys
-   share a component (pretrained ViT keys do).
-2. **Two tail estimators.** (a) the random-feature tail above (unbiased, but heavy-tailed on peaked
-   logits: a typical draw underestimates, a rare one overestimates by orders of magnitude); (b) a
-   mean-field tail: every tail key weighted ``exp(q_i . mean tail key)`` (Jensen: a lower bound of the
-   tail mass, zero variance), its values summed exactly (global sum minus window sum, O(N w^2 D)).
-3. **The window checks them, per query.** The window's exact terms are known, so each estimator is
-   scored on them: ``rho2_rf`` is the relative squared error of the kernel estimates of the window
-   terms, ``rho2_mf`` that of ``exp(q_i . mean window key)`` for every window key. The checked tail is
-   ``g T_rf + (1 - g) T_mf`` with ``g = rho2_mf / (rho2_rf + rho2_mf)`` (inverse-error weighting),
-   held fixed in the gradient. No learned parameter: pretrained weights transfer as before.
-4. **A sampled estimate where the window is a sample of the row.** Without locality (iid q, k) the
-   checked tail fails: the mean field underestimates the tail mass by the Jensen gap ``exp(var/2)``
-   and the kernel estimates are noise, so the window's few random keys get far too much weight (1.1x
-   to 1.6x Performer's error, whose eps happens to shrink such rows to the plain average). There the
-   window *is* a random sample of the row, so its own Jensen gap (mean exact window term over
-   ``exp(mean window logit)``, held fixed in the gradient) calibrates the mean field: the sampled
-   tail is a flat weight ``gap_i exp(q_i . mean tail key)`` on every tail key. The output is
-   ``(1 - pi) out_checked + pi out_sampled`` (two normalised estimates), with one ``pi`` per (image,
-   head), held fixed in the gradient, from two statistics measured on the window and averaged over
-   the head's queries:
-   - locality ``z``: (mean window logit - mean tail logit) / its standard error over the window
-     (about 0 for a random sample; ~2 for a rate-3 window on smooth inputs, 7-40 at rates 1-2);
-   - shape ``e_rf / e_flat``: the squared distance of the normalised exact window weights from the
-     normalised kernel estimates, over that from a flat shape (1.5-2.8 on iid and noisy inputs, where
-     the features are noise; 0.03-0.6 on a trained ViT's heads, whose tails are concentrated on a
-     few keys the features do find);
-   ``pi = sigmoid((1.7 - z) / 0.2) * sigmoid((log(e_rf / e_flat) - log 1.25) / 0.1)``. The locality
-   test alone is not enough: a trained ViT's heads are often anti-local (windows below the tail,
-   z < 0), and a switch on z alone cost 0.83 against 0.57 there (the trained model below). The
-   constants were set by hand on the sweeps below and that model, not learned.
-
-Measured (relative Frobenius error vs exact softmax; q, k, v from ``finetune.fidelity.local_qkv``,
-q and k a smooth field on the 14 x 14 grid plus noise, times a temperature, or iid N(0, 1) scaled to
-a logit std; H = 6, D = 64, window 3, m = 64, same projection for both; mean of 3 seeds; "old
-hybrid" is the eps design before the redesign, "checked only" the redesign before the switch).
-Local, dilation 1 (``python -m finetune.fidelity``):
-
-    window mass   local-only   Performer   old hybrid   checked only   hybrid
-    0.55          0.321        0.70        0.24         0.149          0.149
-    0.74          0.141        0.82        0.17         0.127          0.127
-    0.83          0.099        0.93        0.14         0.098          0.098
-    0.91          0.066        0.96        0.11         0.066          0.066
-    0.95          0.045        0.96        0.064        0.045          0.045
-    0.99          0.017        0.96        0.017        0.017          0.017
-    0.999         0.007        0.96        0.009        0.007          0.007
-
-Local, dilation (1, 2, 3) (``finetune.fidelity.locality_sweep(dilation=(1, 2, 3))``; the dilated
-windows hold less of the mass):
-
-    window mass   local-only   Performer   checked only   hybrid
-    0.31          0.435        0.70        0.297          0.307
-    0.41          0.346        0.82        0.300          0.291
-    0.48          0.320        0.93        0.315          0.304
-    0.68          0.238        0.96        0.238          0.237
-
-Low locality, dilation (1, 2, 3) (``python tests/test_attention_fidelity.py``; "smooth + noise nu":
-the field drowned in nu times as much noise):
-
-    input                           local-only   Performer   checked only   hybrid
-    iid, logit std 0.5              4.70         1.357       0.754          0.449
-    iid, logit std 1                4.07         0.865       1.407          0.764
-    iid, logit std 2                2.34         0.968       1.318          0.954
-    iid, logit std 3                1.79         0.988       1.391          0.986
-    smooth + noise 2, logit std 1   1.71         0.580       0.547          0.527
-    smooth + noise 2, logit std 3   1.01         0.916       0.915          0.866
-    smooth + noise 4, logit std 1   2.15         0.393       0.561          0.355
-    smooth + noise 4, logit std 3   1.56         0.876       1.244          0.865
-
-(at m = 16 the hybrid is 0.23-1.00x the better half on these rows; the checked-only design was up to
-1.42x.) On a trained 6-block tiny ViT's own q, k, v (8 x 8 grid, BENCHMARKS.md "Attention fidelity"),
-mean over blocks: local-only 0.78, Performer 0.847, checked only 0.567, hybrid 0.586 (below
-Performer in every block).
-
-Where it helps: when the mass is split between window and tail the hybrid is better than both halves
-(0.55: half the local-only error); when the window holds nearly everything it equals local-only (the
-checks send the tail weight to the mean field, whose mass is then negligible); without locality it is
-0.33-1.00x Performer's error (iid rows are nearly flat and the calibrated flat tail is what they
-are). tests/test_attention_fidelity.py asserts it is never worse than the better half by more than
-3 % on local and 5 % on low-locality inputs (worst measured: 1.00x). Where not: at high logit std
-without locality nothing beats the plain average by much (error ~0.99 for every method); the switch
-is per head, so a head that mixes local and non-local queries gets one estimate for all; the hybrid
-gives up ~3 % on the trained ViT above against the checked-only design (a few heads' shape statistic
-crosses 1.25 in some images); and it is not exact: a rare heavy random-feature draw that also looks
-good on the window still leaks into the checked tail.
-
-Exactness: a head group whose window reaches every patch from every patch has no tail (it is dropped
-exactly, not computed as "global minus window"), so a window covering the grid is exact softmax. The
-module refuses windows wider than the grid (see Hyperparameters); that limit is reached through
-`atrous_linear_attention`, which accepts any window. Prefix queries attend to all N keys exactly.
-
-Stabilisers: keys share one offset ``c_k`` (the largest log-feature over keys and features) per
-(batch, head); each query uses ``c_q``, the largest of its log-features and of its exact and mean-field
-logits, so every exponential is <= 1; both cancel in num / den. The sampled estimate scales its
-exact terms by ``r = exp(-shift)`` and its flat tail by the same factor, so that tail's total weight is
-<= 1 however large the measured gap (it cancels within that estimate too).
-
-Head groups. H heads are split into ``len(dilation)`` contiguous groups as evenly as possible (the
-first ``H % len(dilation)`` groups get one head more; 6 heads, rates (1, 2, 3): two heads each); H
-must be at least ``len(dilation)``.
-
-Shapes (P prefix tokens, Np = Hp * Wp patches, w = window, m = features):
-    q, k, v                  (B, H, N, D)       split into prefix (B, H, P, D) and patches (B, H, Np, D)
-    prefix queries           (B, H, P, D)       exact softmax over all N keys
-    exact window logits      (B, H, Np, w*w),  prefix logits (B, H, Np, P)
-    mean tail/window logits  (B, H, Np, 1)      minus / plus the sum of the window logits over the tail /
-                                                window size (the centred patch keys sum to zero, so the
-                                                tail's key sum is minus the window's)
-    e(q), e(k) / m           (B, H, Np, m)      kernel parts of the features (no eps)
-    e(K)^T V, e(K)^T 1       (B, H, m, D), (B, H, m)
-    window kernel estimates  (B, H, Np, w*w)   e(q_i) . e(k_j) / m for j in the window
-    tail weights g           (B, H, Np, 1)
-    locality z, gap, r       (B, H, Np, 1)      per query; z and the shape errors averaged to pi (B, H, 1, 1)
-    output weights           (B, H, Np, 1) x3   (1 - pi) / den_checked, pi / den_sampled, their exact-term sum
-The window products never gather windows: a dilated window is w*w fixed shifts of the grid, so each
-product is w*w elementwise products of the (Hp, Wp) grid with a shifted view of itself, each on the
-region where the shift stays on the grid (`window_dot`, `window_sum`, `_window_scatter` for their
-adjoint; a hand-written backward that saves only their inputs). The flat tails' values (all patches'
-value sum minus the window's) ride on the output's window sum: its weights are the exact-term weights
-minus the random-feature weights minus the flat weight, plus the flat weight times the value sum.
-
-Training memory: `atrous_linear_attention` runs the core as one autograd Function (`_Recompute`) that
-saves q, k, v (views of the layer's qkv output, which SDPA keeps too), the gate, and O(N) statistics:
-per query the held-fixed c_q, g, shift, log_gap - shift and the two window products (4 + 2 w^2
-floats), per head pi and c_k. Backward reruns the forward graph from them (without the checks and the
-window products' forward) and differentiates it: gradients are those of the plain graph (the same
-function, `_hybrid`; tests/test_atrous_paths.py). Inference (no grad) and torch.compile (which plans
-its own memory) run `_hybrid` directly.
-
-Cost per head: O(N (w^2 + m) D + N w^2 m + N P D) time (the checks and the switch add O(N w^2));
-saved for backward O(N w^2) (plus q, k, v); transient memory O(N (D + m + w^2)), no (N, w^2, D)
-tensor is ever formed. The two estimates share every product: the output is one window sum of
-combined weights. Training pays the forward twice (the recomputation), backward about twice more.
-
-Speed (CPU, one thread, one ViT-S layer with qkv and output projections, batch 2, forward + backward;
-`python -m benchmarks.attention --batch 2 --repeats 7 --threads 1 --tokens 197 577 3137 --variants
-softmax atrous_linear --no-reference`, five runs on a shared 2-core machine): 0.34-0.47x SDPA at
-N = 197, 0.43-0.66x at 577, 1.44-1.76x at 3137; autograd keeps 1.08x SDPA's bytes at every N (40 vs
-37 MB at 3137; 4.7x, 174 MB, before the recomputation). The core alone, interleaved against the
-pre-recomputation version: 0.84-0.88x its time at 197, 0.66-0.78x at 577, 0.76-1.3x at 3137 (noisy),
-recomputation included. Where the time goes: the four feature GEMMs, ~30 elementwise maps over
-(Np, m) / (Np, D) tensors and the window products (per product 3 groups x 8 shifts + the centre), the
-forward twice in training plus the backward. Tried and dropped: the dense path for small grids (full q k^T and e(q) e(K)^T gathered /
-scattered at the windows) was 1.4-2x slower than the shifts at N = 197 (CPU gather / scatter
-backward); gathering the windows (index_select, unfold, as_strided + matmul) or channels-first
-shifts were no faster at 197-577 and 2-5x slower at 3137; split prefix / patch leaves in the
-recomputation (to avoid zero-filled slice gradients) gained nothing measurable.
-
-fusion='gate' (for comparison, ACC-ViT-style gating between the atrous and the global branch): the
-tail terms (all three estimators) are scaled by a learned, input-dependent ``g_i = 2 sigmoid(q_i . a_h +
-b_h)`` per head, i.e. ``num_i = exact_i + g_i tail_i`` (same in den_i). ``a`` (`gate_weight`,
-[H, D, 1]) and ``b`` (`gate_bias`, [H, 1, 1]) are the only new parameters; they start at zero, so
-g = 1 and a gated model starts as exactly the 'sum' model (and a pretrained softmax ViT's weights
-transfer the same way).
-
-`attn_drop` is not applied (no full attention matrix exists to drop).
+Execution paths (same maths, tests/test_atrous_paths.py): training runs `_Recompute` (saves q, k, v
+and O(N w^2) statistics, recomputes the graph in backward); inference runs `_hybrid`; under
+`torch.compile` (fullgraph) `_hybrid` runs with pad-and-slice window products (`_window_dot_padded`,
+`_window_sum_padded`) instead of the in-place shift kernels, so inductor can fuse them. Everything is
+fp32 with autocast disabled; no host syncs (no `.item()`, no data-dependent Python branches).
 
 Hyperparameters:
     dilation: tuple of rates >= 1, one per head group (default (1, 2, 3)).
     window: odd neighbourhood side >= 1; the module requires the span (window - 1) * r + 1 to fit in
         min(Hp, Wp) for every rate r (default 3).
     features (m): random features for the tail, >= 1 (default 64).
-    fusion: 'sum' (one normalised estimate) or 'gate' (learned tail weight).
+    fusion: 'sum' (one normalised estimate) or 'gate' (learned tail weight ``2 sigmoid(q . a + b)``
+        per head, a and b zero-initialised: starts as exactly the 'sum' model).
+
+`attn_drop` is not applied (no full attention matrix exists to drop).
 """
 
 from __future__ import annotations
@@ -201,6 +38,7 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import AttentionBase, AttentionConfigError
@@ -395,13 +233,55 @@ class _WindowSum(torch.autograd.Function):
         return dw, dy, None
 
 
+def _window_dot_padded(x: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """`_window_dot` from out-of-place ops only (zero-pad the grid, slice each shift): the form
+    torch.compile traces and fuses. x, y: (B, H, Np, C) -> (B, H, Np, w*w)."""
+    (hp, wp), window, groups = geometry
+    B, H, Np, C = x.shape
+    xg, yg = x.reshape(B, H, hp, wp, C), y.reshape(B, H, hp, wp, C)
+    parts = []
+    for h0, h1, rate in groups:
+        reach = (window // 2) * rate
+        yp = F.pad(yg[:, h0:h1], (0, 0, reach, reach, reach, reach))  # (B, h, Hp + 2 reach, Wp + 2 reach, C)
+        xh = xg[:, h0:h1]
+        slots = [(xh * yp[:, :, reach + dy : reach + dy + hp, reach + dx : reach + dx + wp]).sum(dim=-1)
+                 for dy, dx in _shifts(window, rate)]  # w*w x (B, h, Hp, Wp)
+        parts.append(torch.stack(slots, dim=-1))  # (B, h, Hp, Wp, w*w)
+    return torch.cat(parts, dim=1).reshape(B, H, Np, window * window)
+
+
+def _window_sum_padded(w: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """`_window_sum` from out-of-place ops only (see `_window_dot_padded`).
+    w: (B, H, Np, w*w), y: (B, H, Np, C) -> (B, H, Np, C)."""
+    (hp, wp), window, groups = geometry
+    B, H, Np, C = y.shape
+    wg, yg = w.reshape(B, H, hp, wp, window * window), y.reshape(B, H, hp, wp, C)
+    parts = []
+    for h0, h1, rate in groups:
+        reach = (window // 2) * rate
+        yp = F.pad(yg[:, h0:h1], (0, 0, reach, reach, reach, reach))  # (B, h, Hp + 2 reach, Wp + 2 reach, C)
+        wh = wg[:, h0:h1]
+        acc = None
+        for o, (dy, dx) in enumerate(_shifts(window, rate)):
+            term = wh[..., o : o + 1] * yp[:, :, reach + dy : reach + dy + hp, reach + dx : reach + dx + wp]
+            acc = term if acc is None else acc + term
+        parts.append(acc)  # (B, h, Hp, Wp, C)
+    return torch.cat(parts, dim=1).reshape(B, H, Np, C)
+
+
 def window_dot(x: torch.Tensor, y: torch.Tensor, geometry: Geometry, known: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Differentiable `_window_dot`: (B, H, Np, C) x2 -> (B, H, Np, w*w) (`known`: its value, if computed)."""
+    """Differentiable `_window_dot`: (B, H, Np, C) x2 -> (B, H, Np, w*w) (`known`: its value, if computed).
+    Under torch.compile: `_window_dot_padded` (plain autograd, no custom Function, no in-place views)."""
+    if torch.compiler.is_compiling():
+        return _window_dot_padded(x, y, geometry) if known is None else known
     return _WindowDot.apply(x, y, geometry, known)
 
 
 def window_sum(w: torch.Tensor, y: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """Differentiable `_window_sum`: (B, H, Np, w*w), (B, H, Np, C) -> (B, H, Np, C)."""
+    """Differentiable `_window_sum`: (B, H, Np, w*w), (B, H, Np, C) -> (B, H, Np, C) (compiled:
+    `_window_sum_padded`)."""
+    if torch.compiler.is_compiling():
+        return _window_sum_padded(w, y, geometry)
     return _WindowSum.apply(w, y, geometry)
 
 
@@ -474,34 +354,183 @@ class _Recompute(torch.autograd.Function):
 _LAYOUTS: dict = {}
 
 
-def _layout(grid_size: Tuple[int, int], window: int, dilation: Tuple[int, ...], H: int, device: torch.device):
-    """(geometry, valid (H, Np, w*w) bool, n_tail (H, Np, 1), tail_on (1, H, Np, 1)) for these windows."""
-    key = (tuple(grid_size), window, dilation, H, str(device))
-    if key in _LAYOUTS:
-        return _LAYOUTS[key]
+def _build_layout(grid_size: Tuple[int, int], window: int, dilation: Tuple[int, ...], H: int, device: torch.device):
+    """(geometry, valid (H, Np, w*w) bool, n_tail (H, Np, 1), tail_on (1, H, Np, 1)), made on `device`
+    (no host-to-device copies)."""
     hp, wp = grid_size
     Np = hp * wp
     groups, valid, has_tail = [], [], []
-    # Cached tensors are reused by later calls, also under autograd: never make them inference tensors.
-    with torch.inference_mode(False), torch.no_grad():
-        for (h0, h1), rate in zip(head_groups(H, len(dilation)), dilation):
-            groups.append((h0, h1, rate))
-            idx = neighbour_index(grid_size, window, rate, device=device)  # (Np, w*w)
-            valid.append((idx < Np).expand(h1 - h0, Np, window * window))  # (h, Np, w*w)
-            # A window reaching every patch from every patch leaves no tail: drop it exactly rather than
-            # as "global sum minus window", which would leave fp32 cancellation noise.
-            reach = (window // 2) * rate
-            has_tail += [float(reach < max(hp, wp) - 1 or rate > 1)] * (h1 - h0)
-        valid = torch.cat(valid, dim=0)  # (H, Np, w*w)
-        n_tail = Np - valid.sum(dim=-1, keepdim=True).float()  # (H, Np, 1): patches outside each window
-        tail_on = torch.tensor(has_tail, device=device).view(1, H, 1, 1) * (n_tail > 0).float()  # (1, H, Np, 1)
+    for (h0, h1), rate in zip(head_groups(H, len(dilation)), dilation):
+        groups.append((h0, h1, rate))
+        idx = neighbour_index(grid_size, window, rate, device=device)  # (Np, w*w)
+        valid.append((idx < Np).expand(h1 - h0, Np, window * window))  # (h, Np, w*w)
+        # A window reaching every patch from every patch leaves no tail: drop it exactly rather than
+        # as "global sum minus window", which would leave fp32 cancellation noise.
+        reach = (window // 2) * rate
+        has_tail.append(torch.full((h1 - h0,), float(reach < max(hp, wp) - 1 or rate > 1), device=device))
+    valid_t = torch.cat(valid, dim=0)  # (H, Np, w*w)
+    n_tail = Np - valid_t.sum(dim=-1, keepdim=True).float()  # (H, Np, 1): patches outside each window
+    tail_on = torch.cat(has_tail).view(1, H, 1, 1) * (n_tail > 0).float()  # (1, H, Np, 1)
     geometry: Geometry = ((hp, wp), window, tuple(groups))
-    layout = (geometry, valid, n_tail, tail_on)
-    if not torch.compiler.is_compiling():
+    return geometry, valid_t, n_tail, tail_on
+
+
+def _layout(grid_size: Tuple[int, int], window: int, dilation: Tuple[int, ...], H: int, device: torch.device):
+    """`_build_layout`, cached in eager mode (under torch.compile it is traced into the graph)."""
+    if torch.compiler.is_compiling():
+        return _build_layout(grid_size, window, dilation, H, device)
+    key = (tuple(grid_size), window, dilation, H, str(device))
+    if key not in _LAYOUTS:
+        # Cached tensors are reused by later calls, also under autograd: never make them inference tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            layout = _build_layout(grid_size, window, dilation, H, device)
         if len(_LAYOUTS) > 64:
             _LAYOUTS.clear()
         _LAYOUTS[key] = layout
-    return layout
+    return _LAYOUTS[key]
+
+
+def _centred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, P: int):
+    """Split into prefix and patches; keys centred on their patch mean (q_i . (k_j - mu) differs from
+    q_i . k_j by a per-query constant, so softmax is unchanged, while FAVOR+'s variance ~exp|q' + k'|^2
+    drops when keys share a component, as pretrained ViT keys do); patch queries scaled by D^-1/2.
+    -> qs (B, H, Np, D), kp (B, H, Np, D), kpre (B, H, P, D), vp (B, H, Np, D), vpre (B, H, P, D)."""
+    D = q.shape[-1]
+    mu = k[:, :, P:].mean(dim=2, keepdim=True)  # (B, H, 1, D)
+    kp, kpre = k[:, :, P:] - mu, k[:, :, :P] - mu
+    vp, vpre = v[:, :, P:].contiguous(), v[:, :, :P]
+    return q[:, :, P:] * D**-0.5, kp, kpre, vp, vpre
+
+
+def _prefix_attention(q: torch.Tensor, kpre: torch.Tensor, kp: torch.Tensor, vpre: torch.Tensor, vp: torch.Tensor, P: int):
+    """Prefix queries: exact softmax over all N (centred) keys. -> (B, H, P, D)."""
+    qpre = q[:, :, :P] * q.shape[-1] ** -0.5  # (B, H, P, D)
+    a_p = torch.cat([qpre @ kpre.transpose(-2, -1), qpre @ kp.transpose(-2, -1)], dim=-1).softmax(dim=-1)  # (B, H, P, N)
+    return a_p[..., :P] @ vpre + a_p[..., P:] @ vp
+
+
+def _exact_logits(qs, kp, kpre, geometry: Geometry, valid, n_tail, known: Optional[torch.Tensor]):
+    """Exact logits of the window (s_raw: 0 off the grid; s_win: -inf there) and of the prefix keys, the
+    window logits' sum and the mean-field tail logit q_i . (mean tail key): the centred patch keys sum to
+    zero, so the tail's key sum is minus the window's. -> (B, H, Np, w*w) x2, (B, H, Np, P), (B, H, Np, 1) x2."""
+    s_raw = window_dot(qs, kp, geometry, known)  # (B, H, Np, w*w)
+    s_win = s_raw.masked_fill(~valid, float("-inf"))
+    s_pre = qs @ kpre.transpose(-2, -1)  # (B, H, Np, P)
+    s_sum = s_raw.sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
+    return s_raw, s_win, s_pre, s_sum, -s_sum / n_tail.clamp_min(1.0)
+
+
+def _feature_logits(qs: torch.Tensor, kp: torch.Tensor, projection: torch.Tensor):
+    """FAVOR+ log-features without Performer's eps (softmax_feature_parts with x' = x D^-1/4 folded into
+    the projection): W x' and |x'|^2 / 2 for patch queries (qs = q D^-1/2) and centred keys.
+    -> proj_q (B, H, Np, m), diag_q (B, H, Np, 1), proj_k (B, H, Np, m), diag_k (B, H, Np, 1)."""
+    D = qs.shape[-1]
+    wt = projection.float().t()  # (D, m)
+    proj_k = kp @ (wt * D**-0.25)
+    diag_k = kp.square().sum(dim=-1, keepdim=True) * (0.5 * D**-0.5)
+    proj_q = qs @ (wt * D**0.25)  # W q', q' = qs D^1/4
+    diag_q = qs.square().sum(dim=-1, keepdim=True) * (0.5 * D**0.5)
+    return proj_q, diag_q, proj_k, diag_k
+
+
+@torch.no_grad()
+def _stabilisers(proj_q, diag_q, proj_k, diag_k, s_win, s_mf, s_pre, P: int):
+    """c_k (B, H, 1, 1): the largest key log-feature; c_q (B, H, Np, 1): per query the largest of its
+    log-features and exact and mean-field logits (minus c_k), so every exponential is <= 1. Both cancel
+    in num / den."""
+    c_k = (proj_k - diag_k).amax(dim=(-2, -1), keepdim=True)
+    c_q = torch.maximum((proj_q - diag_q).amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True) - c_k)
+    c_q = torch.maximum(c_q, s_mf - c_k)
+    if P:
+        c_q = torch.maximum(c_q, s_pre.amax(dim=-1, keepdim=True) - c_k)
+    return c_q, c_k
+
+
+def _exponentials(proj_q, diag_q, proj_k, diag_k, s_win, s_pre, s_mf, c_q, c_k, m: int):
+    """The stabilised terms: e(q) (B, H, Np, m), e(k) / m (B, H, Np, m), exact window terms (B, H, Np,
+    w*w; 0 off the grid), prefix terms (B, H, Np, P), the mean-field term (B, H, Np, 1)."""
+    e_k = (proj_k - (diag_k + (c_k + math.log(m)))).exp()
+    e_q = (proj_q - (diag_q + c_q)).exp()
+    return e_q, e_k, (s_win - c_k - c_q).exp(), (s_pre - c_k - c_q).exp(), (s_mf - c_k - c_q).exp()
+
+
+@torch.no_grad()
+def _window_checks(s_raw, s_win, s_sum, s_mf, a_win, p_win, valid, n_tail, c_q, c_k):
+    """The held-fixed statistics, measured on the window (docs/attention.md, "atrous_linear (hybrid)"):
+    -> stats: per query (c_q, g, shift, log_gap - shift) (B, H, Np, 4), per head (pi, c_k) (B, H, 1, 2),
+    the window products (s_raw, p_win) (B, H, Np, 2 w*w).
+    g: inverse-error weight of the random-feature tail against the mean field (each scored on the
+    window's exact terms); pi: weight of the sampled estimate (non-local head whose window shape the
+    features fit no better than flat); log_gap: the window's Jensen gap; shift: the sampled estimate's scale."""
+    tiny = torch.finfo(torch.float32).tiny
+    Np = s_raw.shape[2]
+    inv_a = 1.0 / a_win.clamp_min(tiny)  # (B, H, Np, w*w)
+    mass = a_win.sum(dim=-1, keepdim=True).clamp_min(tiny)  # (B, H, Np, 1)
+    n_win = Np - n_tail  # (H, Np, 1): patches in each window
+    s_w = s_sum / n_win  # (B, H, Np, 1): mean window logit
+    a_mf_win = (s_w - c_k - c_q).exp()
+    rho2_rf = ((p_win - a_win).square() * inv_a).sum(dim=-1, keepdim=True) / mass
+    rho2_mf = ((a_mf_win - a_win).square() * inv_a * valid).sum(dim=-1, keepdim=True) / mass
+    g = rho2_mf / (rho2_rf + rho2_mf).clamp_min(tiny)  # (B, H, Np, 1)
+    # Locality: the window's mean logit above the tail's, in standard errors of the window's logits.
+    dev = torch.where(valid, s_win, s_w) - s_w  # (B, H, Np, w*w), zero off the grid
+    var_w = dev.square().sum(dim=-1, keepdim=True) / (n_win - 1.0).clamp_min(1.0)
+    z = ((s_w - s_mf) / (var_w / n_win).sqrt().clamp_min(tiny)).clamp(-Z_CLIP, Z_CLIP)
+    z_head = z.mean(dim=2, keepdim=True)  # (B, H, 1, 1)
+    # Shape: squared distance of the normalised window weights from the kernel estimates' and from flat.
+    share = a_win / mass
+    shape_rf = p_win / p_win.sum(dim=-1, keepdim=True).clamp_min(tiny)
+    err_rf = (shape_rf - share).square().sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
+    err_flat = ((1.0 / n_win - share) * valid).square().sum(dim=-1, keepdim=True)
+    log_ratio = err_rf.mean(dim=2, keepdim=True).clamp_min(tiny).log() - err_flat.mean(
+        dim=2, keepdim=True
+    ).clamp_min(tiny).log()  # (B, H, 1, 1)
+    pi = torch.sigmoid((LOCALITY_Z - z_head) / LOCALITY_WIDTH) * torch.sigmoid(
+        (log_ratio - math.log(SHAPE_RATIO)) / SHAPE_WIDTH
+    )  # (B, H, 1, 1)
+    log_gap = mass.log() - n_win.log() - (s_w - c_k - c_q)  # (B, H, Np, 1): >= 0
+    # The sampled estimate has its own scale: exact terms times r = exp(-shift), tail level <= 1 / n_tail.
+    shift = (s_mf - c_k - c_q + log_gap + n_tail.clamp_min(1.0).log()).clamp_min(0.0)
+    return (
+        torch.cat([c_q, g, shift, log_gap - shift], dim=-1),
+        torch.cat([pi, c_k], dim=-1),
+        torch.cat([s_raw, p_win], dim=-1),
+    )
+
+
+def _combine(stats, terms, e_q, e_k, vp, vpre, s_mf, n_tail, tail_on, far_weight, geometry: Geometry, P: int):
+    """out = (1 - pi) num_checked / den_checked + pi num_sampled / den_sampled, as one window sum of
+    combined weights plus the random-feature and flat tails. terms: (a_win, a_pre, a_mf, p_win).
+    -> (B, H, Np, D)."""
+    a_win, a_pre, a_mf, p_win = terms
+    tiny = torch.finfo(torch.float32).tiny
+    with torch.no_grad():
+        c_q, g, shift, gap_shift = stats[0].unbind(-1)  # (B, H, Np) each
+        c_q, g, shift, gap_shift = (t.unsqueeze(-1) for t in (c_q, g, shift, gap_shift))  # (B, H, Np, 1)
+        pi, c_k = stats[1][..., 0:1], stats[1][..., 1:2]  # (B, H, 1, 1)
+        r = (-shift).exp()
+    a_gap = (s_mf - c_k - c_q + gap_shift).exp()  # (B, H, Np, 1): mean field times the gap
+    # Random-feature tail = global kernel sums minus the window's own kernel estimates.
+    tail_v = e_q @ (e_k.transpose(-2, -1) @ vp)  # (B, H, Np, D)
+    tail_1 = e_q @ e_k.sum(dim=2).unsqueeze(-1)  # (B, H, Np, 1)
+    tail_den = (tail_1 - p_win.sum(dim=-1, keepdim=True)).clamp_min(0.0)
+    fw = tail_on if far_weight is None else tail_on * far_weight.float()  # (B|1, H, Np, 1)
+    g_rf, g_mf, g_gap = fw * g, fw * (1.0 - g) * a_mf, fw * a_gap
+    exact_mass = a_win.sum(dim=-1, keepdim=True) + a_pre.sum(dim=-1, keepdim=True)
+    den_checked = exact_mass + g_rf * tail_den + g_mf * n_tail
+    den_sampled = r * exact_mass + g_gap * n_tail
+    w_checked = (1.0 - pi) / den_checked.clamp_min(tiny)  # (B, H, Np, 1)
+    w_sampled = pi / den_sampled.clamp_min(tiny)
+    w_exact = w_checked + w_sampled * r
+    w_rf = w_checked * g_rf
+    # The flat tails weight every tail value by w_flat: all patches' value sum minus the window's.
+    w_flat = w_checked * g_mf + w_sampled * g_gap
+    out = window_sum(w_exact * a_win - w_rf * p_win - w_flat, vp, geometry)  # (B, H, Np, D)
+    out = torch.addcmul(out, w_rf, tail_v)
+    out = torch.addcmul(out, w_flat, vp.sum(dim=2, keepdim=True))
+    if P:
+        out = out + (w_exact * a_pre) @ vpre
+    return out
 
 
 def _hybrid(
@@ -516,137 +545,31 @@ def _hybrid(
     window: int,
     stats: Optional[Tuple[torch.Tensor, ...]] = None,
 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-    """The hybrid's forward graph -> (out, stats). stats: per query (c_q, g, shift, log_gap - shift)
-    (B, H, Np, 4), per head (pi, c_k) (B, H, 1, 2), and the two window products (s_raw, p_win)
-    (B, H, Np, 2 w*w). Given `stats` from an earlier call on the same inputs, the held-fixed quantities
-    are read from it, the window checks skipped and the window products' forward not redone."""
-    B, H, N, D = (int(size) for size in q.shape)
-    hp, wp = grid_size
-    Np = hp * wp
+    """The hybrid's forward graph -> (out, stats) (stats: see `_window_checks`). Given `stats` from an
+    earlier call on the same inputs, the held-fixed quantities are read from it, the window checks
+    skipped and the window products' forward not redone."""
     out_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k, v = q.float(), k.float(), v.float()
-        m = projection.shape[0]
-        tiny = torch.finfo(torch.float32).tiny
-        geometry, valid, n_tail, tail_on = _layout(grid_size, window, dilation, H, q.device)
-        # Keys centred on their patch mean: q_i . (k_j - mu) differs from q_i . k_j by a per-query
-        # constant, so softmax is unchanged, but the feature estimator's variance (~exp|q' + k'|^2)
-        # drops when keys share a component (pretrained ViT keys do).
-        mu = k[:, :, P:].mean(dim=2, keepdim=True)  # (B, H, 1, D)
-        kp, kpre = k[:, :, P:] - mu, k[:, :, :P] - mu  # (B, H, Np, D), (B, H, P, D)
-        vp, vpre = v[:, :, P:].contiguous(), v[:, :, :P]  # (B, H, Np, D), (B, H, P, D)
-        qs = q[:, :, P:] * D**-0.5  # (B, H, Np, D)
-        if P:  # prefix queries: exact softmax over all N (centred) keys
-            qpre = q[:, :, :P] * D**-0.5  # (B, H, P, D)
-            a_p = torch.cat([qpre @ kpre.transpose(-2, -1), qpre @ kp.transpose(-2, -1)], dim=-1).softmax(dim=-1)  # (B, H, P, N)
-            out_prefix = a_p[..., :P] @ vpre + a_p[..., P:] @ vp  # (B, H, P, D)
-
-        # Exact logits of the window and of the prefix keys.
         w2 = window * window
-        s_raw = window_dot(qs, kp, geometry, None if stats is None else stats[2][..., :w2])  # (B, H, Np, w*w), 0 off the grid
-        s_win = s_raw.masked_fill(~valid, float("-inf"))  # (B, H, Np, w*w)
-        s_pre = qs @ kpre.transpose(-2, -1)  # (B, H, Np, P)
-        # Mean-field tail logit q_i . (mean tail key): the centred patch keys sum to zero, so the tail's
-        # key sum is minus the window's, and q_i . (window key sum) is the sum of the window logits.
-        s_sum = s_raw.sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
-        s_mf = -s_sum / n_tail.clamp_min(1.0)  # (B, H, Np, 1): mean tail logit
-
-        # FAVOR+ kernel parts without Performer's eps (softmax_feature_parts, with x' = x D^-1/4 folded
-        # into the projection): log e(x) = W x' - |x'|^2 / 2 - c; keys share one c_k per (batch, head).
-        wt = projection.float().t()  # (D, m)
-        proj_k = kp @ (wt * D**-0.25)  # (B, H, Np, m)
-        diag_k = kp.square().sum(dim=-1, keepdim=True) * (0.5 * D**-0.5)  # (B, H, Np, 1)
-        proj_q = qs @ (wt * D**0.25)  # (B, H, Np, m): W q', q' = qs D^1/4
-        diag_q = qs.square().sum(dim=-1, keepdim=True) * (0.5 * D**0.5)  # (B, H, Np, 1)
-        with torch.no_grad():
-            if stats is None:
-                c_k = (proj_k - diag_k).amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
-                # One offset per query for every term (features, window, prefix, mean field): the largest,
-                # so every exponential is <= 1; it cancels in num / den.
-                c_q = torch.maximum((proj_q - diag_q).amax(dim=-1, keepdim=True), s_win.amax(dim=-1, keepdim=True) - c_k)
-                c_q = torch.maximum(c_q, s_mf - c_k)
-                if P:
-                    c_q = torch.maximum(c_q, s_pre.amax(dim=-1, keepdim=True) - c_k)  # (B, H, Np, 1)
-            else:
-                c_q, c_k = stats[0][..., 0:1], stats[1][..., 1:2]  # (B, H, Np, 1), (B, H, 1, 1)
-        e_k = (proj_k - (diag_k + (c_k + math.log(m)))).exp()  # (B, H, Np, m): e(k) / m
-        e_q = (proj_q - (diag_q + c_q)).exp()  # (B, H, Np, m)
-        a_win = (s_win - c_k - c_q).exp()  # (B, H, Np, w*w), zero off the grid
-        a_pre = (s_pre - c_k - c_q).exp()  # (B, H, Np, P)
-        a_mf = (s_mf - c_k - c_q).exp()  # (B, H, Np, 1)
-
-        # The window is a held-out check of both tail estimators: its exact terms are known, so each
-        # estimator's relative squared error on them (rho2_rf: the kernel estimates of the same terms;
-        # rho2_mf: exp of the window's mean logit for every window key) weights it, inversely:
-        # g = rho2_mf / (rho2_rf + rho2_mf) for the random-feature tail, 1 - g for the mean-field tail.
-        p_win = window_dot(e_q, e_k, geometry, None if stats is None else stats[2][..., w2:])  # (B, H, Np, w*w): e(q_i) . e(k_j) / m, 0 off the grid
-        with torch.no_grad():
-            if stats is None:
-                inv_a = 1.0 / a_win.clamp_min(tiny)  # (B, H, Np, w*w)
-                mass = a_win.sum(dim=-1, keepdim=True).clamp_min(tiny)  # (B, H, Np, 1)
-                n_win = Np - n_tail  # (H, Np, 1): patches in each window
-                s_w = s_sum / n_win  # (B, H, Np, 1): mean window logit
-                a_mf_win = (s_w - c_k - c_q).exp()  # (B, H, Np, 1)
-                rho2_rf = ((p_win - a_win).square() * inv_a).sum(dim=-1, keepdim=True) / mass  # (B, H, Np, 1)
-                rho2_mf = ((a_mf_win - a_win).square() * inv_a * valid).sum(dim=-1, keepdim=True) / mass
-                g = rho2_mf / (rho2_rf + rho2_mf).clamp_min(tiny)  # (B, H, Np, 1)
-                # Which estimate, per (image, head): the sampled one (a flat tail at the window's Jensen gap)
-                # where the window is not local and the random features describe its shape no better than a
-                # flat one; else the checked one. Locality: the window's mean logit above the tail's, in
-                # standard errors of the window's logits (about 0 for a random sample of the row).
-                dev = torch.where(valid, s_win, s_w) - s_w  # (B, H, Np, w*w), zero off the grid
-                var_w = dev.square().sum(dim=-1, keepdim=True) / (n_win - 1.0).clamp_min(1.0)  # (B, H, Np, 1)
-                z = ((s_w - s_mf) / (var_w / n_win).sqrt().clamp_min(tiny)).clamp(-Z_CLIP, Z_CLIP)  # (B, H, Np, 1)
-                z_head = z.mean(dim=2, keepdim=True)  # (B, H, 1, 1)
-                # Shape: squared distance of the normalised window weights from the kernel estimates' and from flat.
-                share = a_win / mass  # (B, H, Np, w*w)
-                shape_rf = p_win / p_win.sum(dim=-1, keepdim=True).clamp_min(tiny)  # (B, H, Np, w*w)
-                err_rf = (shape_rf - share).square().sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
-                err_flat = ((1.0 / n_win - share) * valid).square().sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
-                log_ratio = err_rf.mean(dim=2, keepdim=True).clamp_min(tiny).log() - err_flat.mean(
-                    dim=2, keepdim=True
-                ).clamp_min(tiny).log()  # (B, H, 1, 1)
-                pi = torch.sigmoid((LOCALITY_Z - z_head) / LOCALITY_WIDTH) * torch.sigmoid(
-                    (log_ratio - math.log(SHAPE_RATIO)) / SHAPE_WIDTH
-                )  # (B, H, 1, 1): weight of the sampled estimate
-                # Jensen gap measured on the window: mean exact term over exp(mean logit), >= 1.
-                log_gap = mass.log() - n_win.log() - (s_w - c_k - c_q)  # (B, H, Np, 1)
-                # The sampled estimate has its own scale: exact terms times r, tail level <= 1 / n_tail.
-                shift = (s_mf - c_k - c_q + log_gap + n_tail.clamp_min(1.0).log()).clamp_min(0.0)  # (B, H, Np, 1)
-                stats = (
-                    torch.cat([c_q, g, shift, log_gap - shift], dim=-1),  # (B, H, Np, 4)
-                    torch.cat([pi, c_k], dim=-1),  # (B, H, 1, 2)
-                    torch.cat([s_raw, p_win], dim=-1),  # (B, H, Np, 2 w*w): the window products
-                )
-            g, shift, gap_shift = stats[0][..., 1:2], stats[0][..., 2:3], stats[0][..., 3:4]  # (B, H, Np, 1) each
-            pi = stats[1][..., 0:1]  # (B, H, 1, 1)
-            r = (-shift).exp()  # (B, H, Np, 1)
-        a_gap = (s_mf - c_k - c_q + gap_shift).exp()  # (B, H, Np, 1): mean field times the gap
-
-        # Random-feature tail = global kernel sums minus the window's own kernel estimates.
-        tail_v = e_q @ (e_k.transpose(-2, -1) @ vp)  # (B, H, Np, D)
-        tail_1 = e_q @ e_k.sum(dim=2).unsqueeze(-1)  # (B, H, Np, 1)
-        tail_den = (tail_1 - p_win.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (B, H, Np, 1)
-        fw = tail_on if far_weight is None else tail_on * far_weight.float()  # (B|1, H, Np, 1)
-        g_rf, g_mf, g_gap = fw * g, fw * (1.0 - g) * a_mf, fw * a_gap  # (B, H, Np, 1) each
-        exact_mass = a_win.sum(dim=-1, keepdim=True) + a_pre.sum(dim=-1, keepdim=True)  # (B, H, Np, 1)
-        den_checked = exact_mass + g_rf * tail_den + g_mf * n_tail  # (B, H, Np, 1)
-        den_sampled = r * exact_mass + g_gap * n_tail  # (B, H, Np, 1)
-        # out = (1 - pi) num_checked / den_checked + pi num_sampled / den_sampled, as one weighted sum.
-        w_checked = (1.0 - pi) / den_checked.clamp_min(tiny)  # (B, H, Np, 1)
-        w_sampled = pi / den_sampled.clamp_min(tiny)  # (B, H, Np, 1)
-        w_exact = w_checked + w_sampled * r  # (B, H, Np, 1)
-        w_rf = w_checked * g_rf  # (B, H, Np, 1)
-        # The flat tails weight every tail value by w_flat: all patches' value sum minus the window's.
-        w_flat = w_checked * g_mf + w_sampled * g_gap  # (B, H, Np, 1)
-        weights = w_exact * a_win - w_rf * p_win - w_flat  # (B, H, Np, w*w)
-        out_patch = window_sum(weights, vp, geometry)  # (B, H, Np, D)
-        out_patch = torch.addcmul(out_patch, w_rf, tail_v)
-        out_patch = torch.addcmul(out_patch, w_flat, vp.sum(dim=2, keepdim=True))
+        geometry, valid, n_tail, tail_on = _layout(grid_size, window, dilation, q.shape[1], q.device)
+        qs, kp, kpre, vp, vpre = _centred(q, k, v, P)
+        known = (None, None) if stats is None else (stats[2][..., :w2], stats[2][..., w2:])
+        s_raw, s_win, s_pre, s_sum, s_mf = _exact_logits(qs, kp, kpre, geometry, valid, n_tail, known[0])
+        proj_q, diag_q, proj_k, diag_k = _feature_logits(qs, kp, projection)
+        if stats is None:
+            c_q, c_k = _stabilisers(proj_q, diag_q, proj_k, diag_k, s_win, s_mf, s_pre, P)
+        else:
+            c_q, c_k = stats[0][..., 0:1], stats[1][..., 1:2]  # (B, H, Np, 1), (B, H, 1, 1)
+        m = projection.shape[0]
+        e_q, e_k, a_win, a_pre, a_mf = _exponentials(proj_q, diag_q, proj_k, diag_k, s_win, s_pre, s_mf, c_q, c_k, m)
+        p_win = window_dot(e_q, e_k, geometry, known[1])  # (B, H, Np, w*w): e(q_i) . e(k_j) / m, 0 off the grid
+        if stats is None:
+            stats = _window_checks(s_raw, s_win, s_sum, s_mf, a_win, p_win, valid, n_tail, c_q, c_k)
+        out = _combine(stats, (a_win, a_pre, a_mf, p_win), e_q, e_k, vp, vpre, s_mf, n_tail, tail_on, far_weight, geometry, P)
         if P:
-            out_patch = out_patch + (w_exact * a_pre) @ vpre
-            out_patch = torch.cat([out_prefix, out_patch], dim=2)  # (B, H, N, D)
-    return out_patch.to(out_dtype), stats
+            out = torch.cat([_prefix_attention(q, kpre, kp, vpre, vp, P), out], dim=2)  # (B, H, N, D)
+    return out.to(out_dtype), stats
 
 
 @register_attention("atrous_linear")
