@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 import re
 from pathlib import Path
@@ -69,6 +70,8 @@ def check_weights_file(path: str) -> None:
     from .safe_files import check_regular
     from .weights import vitsweep_sidecar
 
+    if not os.path.lexists(path):
+        raise ConfigError(f"weights={path!r} does not exist")
     try:
         check_regular(path, "weights file", WeightsError)
         vitsweep_sidecar(path)
