@@ -147,7 +147,7 @@ def check_output_dir(text: str | os.PathLike, kind: str, *, flag: str = "--out",
     if not (own and accept_own):
         raise ConfigError(f"{flag} {str(path)!r} already holds {describe_contents(path)}; "
                           f"`vitsweep {kind}` writes only into a new or empty directory"
-                          + (f" or one it made itself" if accept_own else "") + f"; choose another {flag}")
+                          + (" or one it made itself" if accept_own else "") + f"; choose another {flag}")
     link = find_symlink(path)
     if link is not None:
         raise ConfigError(f"{flag} {str(path)!r} holds a symbolic link {str(link)!r} (to {os.readlink(link)!r}); "

@@ -362,8 +362,8 @@ def markdown_table(rows: Sequence[Row]) -> str:
 def speed_notes(rows: Sequence[Row]) -> List[str]:
     """What the speed columns mean, and the marks that make them not comparable (each note then a blank
     line): step img/s and data wait (`finetune.timing`); ‡ data-bound; † a shared GPU."""
-    notes = [f"train img/s: end to end; step img/s: the model step alone; data wait: the share of the training "
-             f"time spent waiting for the next batch (mean over seeds)."]
+    notes = ["train img/s: end to end; step img/s: the model step alone; data wait: the share of the training "
+             "time spent waiting for the next batch (mean over seeds)."]
     bound = [row_name(r) for r in rows if r.values.get("data_bound")]
     if bound:
         notes.append(f"{DATA_BOUND_MARK} data-bound (data wait >= {100 * DATA_BOUND_THRESHOLD:.0f}%): its train img/s "

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import Any, Dict, Optional, Sequence
 
 import ray
@@ -35,13 +34,13 @@ import ray.train
 from ray import tune
 
 from finetune.callbacks import Callback
-from finetune.config import TrainConfig
 from finetune.distributed import DistContext
 from finetune.errors import ConfigError, DataError
 from finetune.train import release_device_memory, run_training
 
-from .finetune_trainable import TuneReportCallback, _on_node, current_node, read_nodes, reportable
-from .layout import ARCH_KEY, DDP_KEY, LABEL_KEY, RUN_SUBDIR, flatten_trial_config
+from .finetune_trainable import (TuneReportCallback, _on_node, check_placement, current_node, read_nodes, reportable,
+                                 restore_to_temp, trial_config)
+from .layout import DDP_KEY, RUN_SUBDIR
 
 # Ray Train's run directory inside the trial's directory in storage (its checkpoints, its run snapshot).
 TRAIN_RUN_NAME = "ddp"
@@ -78,18 +77,14 @@ def train_worker(loop_config: Dict[str, Any]) -> None:
     """One Ray Train worker of a data-parallel trial (the process group exists already)."""
     import ray.train.torch
 
-    config = loop_config["config"]
-    cfg = TrainConfig.from_dict(flatten_trial_config(config))
-    label = (config.get(ARCH_KEY) or {}).get(LABEL_KEY) or cfg.variant
+    cfg, label = trial_config(loop_config["config"])
+    node = current_node()
+    check_placement(cfg, node)  # a worker Ray gave a GPU must see one (as a one-process trial)
     dist = DistContext.from_initialized(ray.train.torch.get_device())
-    checkpoint = ray.train.get_checkpoint()
     restore_dir = None
     reporter: Optional[TrainReportCallback] = None
     try:
-        if checkpoint is not None:
-            restore_dir = tempfile.mkdtemp(prefix="vitsweep-restore-")
-            checkpoint.to_directory(restore_dir)
-        node = current_node()
+        restore_dir = restore_to_temp(ray.train.get_checkpoint())
         nodes = [*read_nodes(restore_dir), node]
         reporter = TrainReportCallback(label, nodes, is_main=dist.is_main, defer_final=True)
         try:

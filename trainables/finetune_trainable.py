@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import ray
 from ray import tune
@@ -141,6 +141,22 @@ def check_placement(cfg: TrainConfig, node: Dict[str, str]) -> None:
     )
 
 
+def trial_config(config: Dict[str, Any]) -> Tuple[TrainConfig, str]:
+    """The trial's TrainConfig and its label (the variant block's, else the variant's name)."""
+    cfg = TrainConfig.from_dict(flatten_trial_config(config))
+    return cfg, (config.get(ARCH_KEY) or {}).get(LABEL_KEY) or cfg.variant
+
+
+def restore_to_temp(checkpoint) -> Optional[str]:
+    """A temporary local copy of Ray's `checkpoint` to resume from (None: start afresh); the caller
+    removes it."""
+    if checkpoint is None:
+        return None
+    restore_dir = tempfile.mkdtemp(prefix="vitsweep-restore-")
+    checkpoint.to_directory(restore_dir)
+    return restore_dir
+
+
 FINAL_STATUSES = ("finished", "diverged")
 
 
@@ -234,16 +250,12 @@ def train_vit(config: Dict[str, Any], callbacks: Sequence[Callback] = ()) -> Non
         # config when the driver was killed mid-save (seen under `vitsweep resume`). Every vitsweep
         # trial carries at least its `arch` block; run nothing, and the report skips it.
         return
-    cfg = TrainConfig.from_dict(flatten_trial_config(config))
-    label = (config.get(ARCH_KEY) or {}).get(LABEL_KEY) or cfg.variant
+    cfg, label = trial_config(config)
     out_dir = os.path.join(tune.get_context().get_trial_dir(), RUN_SUBDIR)
-    checkpoint = tune.get_checkpoint()
     restore_dir = None
     reporter: Optional[TuneReportCallback] = None
     try:
-        if checkpoint is not None:
-            restore_dir = tempfile.mkdtemp(prefix="vitsweep-restore-")
-            checkpoint.to_directory(restore_dir)
+        restore_dir = restore_to_temp(tune.get_checkpoint())
         node = current_node()
         check_placement(cfg, node)
         nodes = [*read_nodes(restore_dir), node]
