@@ -93,8 +93,11 @@ def test_check_saved_dataset_splits(tmp_path):
     (tmp_path / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
     with pytest.raises(DataError, match=r"splits \['train'\].*validation, val, test"):
         check_data_spec(f"hf:{tmp_path}")
-    (tmp_path / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
-    assert check_data_spec(f"hf:{tmp_path}").kind == "hf"
+    from datasets import Dataset, DatasetDict
+
+    real = tmp_path / "real"  # a complete folder, as DatasetDict.save_to_disk writes it
+    DatasetDict({s: Dataset.from_dict({"label": [0, 1]}) for s in ("train", "test")}).save_to_disk(str(real))
+    assert check_data_spec(f"hf:{real}").kind == "hf"
 
 
 # ---------------------------------------------------------------------------- preprocessing

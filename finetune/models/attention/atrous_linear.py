@@ -552,7 +552,7 @@ def _hybrid(
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k, v = q.float(), k.float(), v.float()
         w2 = window * window
-        geometry, valid, n_tail, tail_on = _layout(grid_size, window, dilation, q.shape[1], q.device)
+        geometry, valid, n_tail, tail_on = _layout(grid_size, window, dilation, int(q.shape[1]), q.device)  # int under jit tracing
         qs, kp, kpre, vp, vpre = _centred(q, k, v, P)
         known = (None, None) if stats is None else (stats[2][..., :w2], stats[2][..., w2:])
         s_raw, s_win, s_pre, s_sum, s_mf = _exact_logits(qs, kp, kpre, geometry, valid, n_tail, known[0])
