@@ -190,7 +190,8 @@ def test_a_disk_that_fills_while_the_cache_is_written_ends_in_one_line_and_leave
                                 stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
-            tmp = [p for p in mnt.glob(".cache.tmp-*/train_images.npy") if p.stat().st_size > (1 << 20)]
+            # the build's work directory; its image file is preallocated sparse: count the written blocks
+            tmp = [p for p in mnt.glob(".cache.partial/train_images.npy") if p.stat().st_blocks * 512 > (1 << 20)]
             if tmp:
                 break
             time.sleep(0.05)
@@ -199,7 +200,9 @@ def test_a_disk_that_fills_while_the_cache_is_written_ends_in_one_line_and_leave
         out, err = proc.communicate(timeout=600)
         completed = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         one_line_refusal(completed, "no space left")
-        assert sorted(p.name for p in mnt.iterdir()) == [filler.name], list(mnt.iterdir())
+        # the filler and the build's empty lock file (flock's; kept, as removing it would race a waiter)
+        assert sorted(p.name for p in mnt.iterdir()) == sorted([filler.name, ".cache.lock"]), list(mnt.iterdir())
+        assert (mnt / ".cache.lock").stat().st_size == 0
 
 
 def test_a_truncated_state_falls_back_to_the_last_intact_copy(full_sweep, tmp_path, caplog):

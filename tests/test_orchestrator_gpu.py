@@ -65,9 +65,9 @@ def _max_overlap(records):
     return best
 
 
-def _spec(gpu: float) -> SweepSpec:
+def _spec(gpu: float, workers: int = 1) -> SweepSpec:
     return SweepSpec.from_dict({"fixed": FIXED, "search": {"lr": {"grid": [1e-3, 2e-3, 3e-3, 4e-3]}},
-                                "resources": {"cpu": 1, "gpu": gpu}})
+                                "resources": {"cpu": 1, "gpu": gpu, "workers": workers}})
 
 
 def test_one_gpu_per_trial_runs_two_trials_at_once_on_distinct_devices(ray_two_gpus, tmp_path):
@@ -99,8 +99,11 @@ def test_half_a_gpu_per_trial_runs_four_trials_at_once(ray_two_gpus, tmp_path):
 def test_gpus_per_trial_beyond_the_joined_cluster_is_refused_before_any_trial(ray_two_gpus, tmp_path):
     from finetune.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"gpus per trial=3 but the cluster has 2 GPU"):
-        run_sweep(_spec(3), storage=tmp_path, name="too_many")
+    with pytest.raises(ConfigError, match=r"gpus per trial=3: a trial process drives one device.*--workers-per-trial 3"):
+        _spec(3)  # several GPUs for one process would sit idle: refused when the sweep is parsed
+    with pytest.raises(ConfigError, match=r"3 workers per trial x \(cpu 1, gpu 1\) per worker = .*3 GPU\(s\), "
+                                          r"but the cluster has .*2 GPU"):
+        run_sweep(_spec(1, workers=3), storage=tmp_path, name="too_many")
     assert not (tmp_path / "too_many").exists()
 
 
