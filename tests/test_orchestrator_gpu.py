@@ -101,9 +101,9 @@ def test_gpus_per_trial_beyond_the_joined_cluster_is_refused_before_any_trial(ra
 
     with pytest.raises(ConfigError, match=r"gpus per trial=3: a trial process drives one device.*--workers-per-trial 3"):
         _spec(3)  # several GPUs for one process would sit idle: refused when the sweep is parsed
-    with pytest.raises(ConfigError, match=r"3 workers per trial x \(cpu 1, gpu 1\) per worker = .*3 GPU\(s\), "
+    with pytest.raises(ConfigError, match=r"4 workers per trial x \(cpu 1, gpu 1\) per worker = .*4 GPU\(s\), "
                                           r"but the cluster has .*2 GPU"):
-        run_sweep(_spec(1, workers=3), storage=tmp_path, name="too_many")
+        run_sweep(_spec(1, workers=4), storage=tmp_path, name="too_many")
     assert not (tmp_path / "too_many").exists()
 
 
