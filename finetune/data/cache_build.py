@@ -234,6 +234,19 @@ def _check_cache_out(out_dir: str | os.PathLike) -> Path:
         raise DataError(f"cache directory: {err}") from None
 
 
+def _check_build_args(size: int, num_workers: Optional[int], shard_size: int) -> int:
+    """Refuse bad build arguments; returns the number of decoding workers (None: min(8, CPU count))."""
+    if not 8 <= size <= 4096:
+        raise DataError(f"cache size={size} must be in [8, 4096] (256 for 224 px models)")
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    if num_workers < 0:
+        raise DataError(f"num_workers={num_workers} must be >= 0")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= 1_000_000:
+        raise DataError(f"shard_size={shard_size!r} must be an integer in [1, 1000000]")
+    return num_workers
+
+
 def build_cache(
     spec: str,
     out_dir: str | os.PathLike,
@@ -261,14 +274,7 @@ def build_cache(
         exist_ok: a complete cache at `out_dir` (built by a build this one waited for) is returned
             instead of refused; the caller checks that it is the cache it wants.
     """
-    if not 8 <= size <= 4096:
-        raise DataError(f"cache size={size} must be in [8, 4096] (256 for 224 px models)")
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
-    if num_workers < 0:
-        raise DataError(f"num_workers={num_workers} must be >= 0")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= 1_000_000:
-        raise DataError(f"shard_size={shard_size!r} must be an integer in [1, 1000000]")
+    num_workers = _check_build_args(size, num_workers, shard_size)
     log = log or _stderr_line
     out = Path(out_dir).expanduser()
     if exist_ok and (out / MANIFEST).is_file() and not out.is_symlink():
