@@ -176,33 +176,15 @@ def run_training(
     resume = read_checkpoint(resume_from) if resume_from else None
     if resume is not None:
         check_resume_config(resume["meta"], cfg, resume_from)
-    device = dist.device if dist is not None else resolve_device(cfg.device)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # cuda:N: kernels, NCCL and libraries that use the current device agree
+    device = _run_device(cfg, dist)
     seed_everything(cfg.seed)
     preprocessing = resolve_preprocessing(
         _preprocessing_model(cfg), cfg.img_size, augment=cfg.augment, scale=cfg.scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter
     )
     bundle = build_data(cfg.data, preprocessing, skip_bad_images=cfg.skip_bad_images, seed=cfg.seed)
-    try:
-        check_topk(cfg.topk, bundle.num_classes)
-    except MetricError as err:
-        raise ConfigError(str(err)) from err
-
+    _check_topk(cfg.topk, bundle.num_classes)
     attn_hparams = cfg.attention_hparams()
-    model = build_vit(
-        cfg.model,
-        bundle.num_classes,
-        variant=cfg.variant,
-        attn_hparams=attn_hparams,
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        depth=cfg.depth,
-        pretrained=cfg.pretrained and resume is None,
-        pretrained_tag=cfg.pretrained_tag,
-        weights=cfg.weights if resume is None else None,
-        drop_path=cfg.drop_path,
-    )
+    model = _build_model(cfg, bundle.num_classes, attn_hparams, fresh=resume is None)
     static = cost_metrics(model, preprocessing.input_size[1:], cache=True)  # once per architecture
     static.update(analytic_memory_metrics(model, cfg.batch_size, resolve_precision(cfg.precision, device)[0]))
     train_loader, val_loader = build_loaders(bundle, cfg.batch_size, cfg.num_workers, device, cfg.seed, dist=dist)
@@ -214,16 +196,9 @@ def run_training(
     if before_write is not None:
         before_write()
     if out_dir is not None:
-        from .tb_writer import TBWriter
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        preprocessing.save(out / "preprocessing.json")
-        writer = TBWriter(str(out / "tb"))
-        _write_sample_grid(writer, val_loader, bundle, preprocessing, plot_grid)
-        callbacks.insert(0, TensorBoardCallback(writer))
-        if local_checkpoints:
-            callbacks.insert(0, LocalCheckpointCallback(out / "checkpoint"))
+        writer, output_callbacks = _open_outputs(Path(out_dir), local_checkpoints, preprocessing, val_loader, bundle,
+                                                 plot_grid)
+        callbacks[:0] = output_callbacks
     # First: the final epoch's metrics gain infer/* before TensorBoard, checkpoints and Ray's report see them.
     callbacks.insert(0, InferenceProfileCallback(preprocessing.input_size, device, resolve_precision(cfg.precision, device)[0]))
     oom_message = None
@@ -243,54 +218,115 @@ def run_training(
     if oom_message is not None:
         del model, train_loader, val_loader
         release_device_memory()
-        raise TrainingOOMError(
-            f"out of device memory with batch_size={cfg.batch_size}, variant={cfg.variant}, "
-            f"precision={cfg.precision} on {device}: {oom_message}. Lower --batch-size, use --precision bf16, "
-            "or give the trial a whole GPU (--gpus-per-trial 1)"
-        )
+        raise _oom_error(cfg, device, oom_message)
 
-    arch = {
+    result.update(_describe_run(cfg, attn_hparams, geometry, bundle, device, dist))
+    result.update(extra_result or {})
+    if out_dir is not None:
+        _write_outputs(Path(out_dir), model, cfg, result, preprocessing, bundle.class_names)
+    return result
+
+
+def _run_device(cfg: TrainConfig, dist: Optional[DistContext]) -> torch.device:
+    device = dist.device if dist is not None else resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # cuda:N: kernels, NCCL and libraries that use the current device agree
+    return device
+
+
+def _check_topk(topk, num_classes: int) -> None:
+    try:
+        check_topk(topk, num_classes)
+    except MetricError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _oom_error(cfg: TrainConfig, device: torch.device, message: str) -> TrainingOOMError:
+    return TrainingOOMError(
+        f"out of device memory with batch_size={cfg.batch_size}, variant={cfg.variant}, "
+        f"precision={cfg.precision} on {device}: {message}. Lower --batch-size, use --precision bf16, "
+        "or give the trial a whole GPU (--gpus-per-trial 1)"
+    )
+
+
+def _build_model(cfg: TrainConfig, num_classes: int, attn_hparams: Dict[str, Any], *, fresh: bool):
+    """The run's ViT; `fresh`: not resumed, so the pretrained or `--weights` initialisation applies."""
+    return build_vit(
+        cfg.model,
+        num_classes,
+        variant=cfg.variant,
+        attn_hparams=attn_hparams,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        depth=cfg.depth,
+        pretrained=cfg.pretrained and fresh,
+        pretrained_tag=cfg.pretrained_tag,
+        weights=cfg.weights if fresh else None,
+        drop_path=cfg.drop_path,
+    )
+
+
+def _open_outputs(out: Path, local_checkpoints: bool, preprocessing, val_loader, bundle, plot_grid):
+    """Create `out` with preprocessing.json, TensorBoard (with a sample grid) and the local
+    checkpoint; returns (writer, the callbacks that write there, first to run first)."""
+    from .tb_writer import TBWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    preprocessing.save(out / "preprocessing.json")
+    writer = TBWriter(str(out / "tb"))
+    _write_sample_grid(writer, val_loader, bundle, preprocessing, plot_grid)
+    callbacks: List[Callback] = [TensorBoardCallback(writer)]
+    if local_checkpoints:
+        callbacks.insert(0, LocalCheckpointCallback(out / "checkpoint"))
+    return writer, callbacks
+
+
+def _describe_run(cfg: TrainConfig, attn_hparams, geometry, bundle, device: torch.device,
+                  dist: Optional[DistContext]) -> Dict[str, Any]:
+    """What result.json records beside the metrics: config, arch, geometry, data and environment."""
+    return {
+        "config": cfg.to_dict(),
+        "arch": _arch(cfg, attn_hparams, bundle.num_classes),
+        "geometry": geometry,
+        "data": {
+            "spec": cfg.data,
+            "num_classes": bundle.num_classes,
+            "train_size": len(bundle.train),
+            "val_size": len(bundle.val),
+            "skipped_images": bundle.skipped_images,
+        },
+        "environment": {
+            "device": str(device),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+            **(dist.describe() if dist is not None else {"world_size": 1}),
+        },
+    }
+
+
+def _arch(cfg: TrainConfig, attn_hparams, num_classes: int) -> Dict[str, Any]:
+    return {
         "model": cfg.model,
         "variant": cfg.variant,
         "attn_hparams": attn_hparams,
         "img_size": cfg.img_size,
         "patch_size": cfg.patch_size,
         "depth": cfg.depth,
-        "num_classes": bundle.num_classes,
+        "num_classes": num_classes,
     }
-    result.update(
-        {
-            "config": cfg.to_dict(),
-            "arch": arch,
-            "geometry": geometry,
-            "data": {
-                "spec": cfg.data,
-                "num_classes": bundle.num_classes,
-                "train_size": len(bundle.train),
-                "val_size": len(bundle.val),
-                "skipped_images": bundle.skipped_images,
-            },
-            "environment": {
-                "device": str(device),
-                "torch": torch.__version__,
-                "timm": timm.__version__,
-                "python": platform.python_version(),
-                **(dist.describe() if dist is not None else {"world_size": 1}),
-            },
-        }
-    )
-    if extra_result:
-        result.update(extra_result)
-    if out_dir is not None:
-        from .weights import save_weight_dict
 
-        save_weight_dict(
-            model, Path(out_dir) / "weights.safetensors", {**cfg.to_dict(), **arch},
-            metrics=result["metrics"], preprocessing=preprocessing.to_dict(), class_names=bundle.class_names,
-        )
-        result["weights"] = str(Path(out_dir) / "weights.safetensors")
-        write_json(Path(out_dir) / "result.json", result)
-    return result
+
+def _write_outputs(out: Path, model, cfg: TrainConfig, result: Dict[str, Any], preprocessing, class_names) -> None:
+    """The weights with their sidecar, then result.json (last: it says the run's outputs are complete)."""
+    from .weights import save_weight_dict
+
+    save_weight_dict(
+        model, out / "weights.safetensors", {**cfg.to_dict(), **result["arch"]},
+        metrics=result["metrics"], preprocessing=preprocessing.to_dict(), class_names=class_names,
+    )
+    result["weights"] = str(out / "weights.safetensors")
+    write_json(out / "result.json", result)
 
 
 def release_device_memory() -> None:
