@@ -299,6 +299,62 @@ def _summed(value: float, dist: Optional[DistContext]) -> float:
     return value if dist is None else dist.sum_floats([value])[0]
 
 
+def _set_epoch(train_loader: Iterable, epoch: int) -> None:
+    sampler = getattr(train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)  # the epoch's order depends on (seed, epoch) alone
+
+
+def _reduced_epoch_metrics(state: TrainState, train, val, memory: Dict[str, Any], seconds: float,
+                           device: torch.device, cfg: TrainConfig, dist: Optional[DistContext]) -> Dict[str, Any]:
+    """`_epoch_metrics`, with `dist` over all workers: memory the maximum, time the slowest worker's,
+    MFU the summed throughput over one device's peak each."""
+    if dist is not None:
+        memory, seconds = dist.reduce_memory(memory), dist.max_float(seconds)
+    metrics = _epoch_metrics(state, train, val, memory, seconds, device, matmul_precision(cfg.precision, cfg.tf32))
+    if dist is not None and metrics.get("throughput/mfu") is not None:
+        metrics["throughput/mfu"] /= dist.world_size
+    return metrics
+
+
+def _end_fit(state: TrainState, status: str, callbacks: Sequence[Callback]) -> Dict[str, Any]:
+    if state.should_stop and status == "running":
+        status = state.stop_reason or "stopped"
+    result = {"status": status, "metrics": state.history[-1] if state.history else {}, "history": state.history}
+    for cb in callbacks:
+        cb.on_fit_end(state, result)
+    return result
+
+
+def _forward_models(model: nn.Module, cfg: TrainConfig, dist: Optional[DistContext]) -> Tuple[nn.Module, nn.Module]:
+    """(the model the training steps call, the one evaluation calls): DDP-wrapped and/or compiled."""
+    train_model = dist.wrap(model) if dist is not None else model
+    forward_model = torch.compile(train_model) if cfg.compile else train_model
+    # DDP's forward may sync buffers: evaluation (shards of unequal length) runs the plain module.
+    eval_model = forward_model if dist is None else (torch.compile(model) if cfg.compile else model)
+    return forward_model, eval_model
+
+
+def _num_batches(train_loader, cfg: TrainConfig) -> int:
+    num_batches = len(train_loader) if cfg.max_train_batches is None else min(len(train_loader), cfg.max_train_batches)
+    if num_batches == 0:
+        raise ConfigError(f"the training set gives no batch of batch_size={cfg.batch_size}; lower --batch-size")
+    return num_batches
+
+
+def _validate(eval_model: nn.Module, val_loader: Iterable, device: torch.device, cfg: TrainConfig,
+              autocast_dtype: Optional[torch.dtype], batch_transform, dist: Optional[DistContext],
+              diverged: bool) -> Tuple[Dict[str, float], bool]:
+    """(val metrics, diverged): a run that diverged in training, or whose eval outputs are not
+    finite, gets `diverged_val_metrics`."""
+    if diverged:
+        return diverged_val_metrics(cfg.topk), True
+    val = evaluate(eval_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches, batch_transform, dist)
+    if not math.isfinite(val["val/loss"]):  # non-finite outputs in eval only
+        return diverged_val_metrics(cfg.topk), True
+    return val, False
+
+
 def diverged_val_metrics(topk: Sequence[int]) -> Dict[str, float]:
     """Stand-ins for `evaluate` after a divergence: a diverged model's predictions are meaningless,
     so its accuracy is zero (no scheduler or report ranks it best) and its loss NaN."""
@@ -388,9 +444,8 @@ def fit(
 ) -> Dict[str, Any]:
     """Fine-tune `model` for ``cfg.epochs`` epochs; returns ``{"status", "metrics", "history"}``.
 
-    `resume` is a `finetune.checkpoint.read_checkpoint` result: weights, optimizer, scheduler, scaler,
-    RNG state and counters are restored and training continues at the next epoch. `static_metrics`
-    (params, FLOPs) are merged into every epoch's metrics. `train_batch_transform` /
+    `resume` (`finetune.checkpoint.read_checkpoint`): training continues at the next epoch with every
+    state restored. `static_metrics` (params, FLOPs) join every epoch's metrics. `train_batch_transform` /
     `eval_batch_transform` run on the device after the copy (the decode-once cache path does its
     crop, flip and normalisation there). A train loader whose sampler has `set_epoch` gets it at the
     start of every epoch. A non-finite training loss stops the run with status ``diverged``
@@ -406,15 +461,9 @@ def fit(
     autocast_dtype, use_scaler = resolve_precision(cfg.precision, device)
     set_tf32(device, cfg.tf32)
     model.to(device)
-    train_model = dist.wrap(model) if dist is not None else model
-    forward_model = torch.compile(train_model) if cfg.compile else train_model
-    # DDP's forward may sync buffers: evaluation (shards of unequal length) runs the plain module.
-    eval_model = forward_model if dist is None else (torch.compile(model) if cfg.compile else model)
+    forward_model, eval_model = _forward_models(model, cfg, dist)
     progress = progress and (dist is None or dist.is_main)
-
-    num_batches = len(train_loader) if cfg.max_train_batches is None else min(len(train_loader), cfg.max_train_batches)
-    if num_batches == 0:
-        raise ConfigError(f"the training set gives no batch of batch_size={cfg.batch_size}; lower --batch-size")
+    num_batches = _num_batches(train_loader, cfg)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, num_batches)
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
@@ -434,9 +483,7 @@ def fit(
 
     status = "finished" if state.epoch >= cfg.epochs else "running"
     while state.epoch < cfg.epochs and not state.should_stop:
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(state.epoch)  # the epoch's order depends on (seed, epoch) alone
+        _set_epoch(train_loader, state.epoch)
         epoch_start = time.perf_counter()
         with track_memory(device=device) as memory:  # peak over training and evaluation
             train, diverged = train_one_epoch(
@@ -444,20 +491,11 @@ def fit(
                 num_classes=num_classes, autocast_dtype=autocast_dtype, mixup=mixup,
                 batch_transform=train_batch_transform, callbacks=callbacks, progress=progress, dist=dist,
             )
-            if diverged:
-                val = diverged_val_metrics(cfg.topk)
-            else:
-                val = evaluate(eval_model, val_loader, device, cfg.topk, autocast_dtype, cfg.max_val_batches,
-                               eval_batch_transform, dist)
-                diverged = not math.isfinite(val["val/loss"])  # non-finite outputs in eval only
-                val = diverged_val_metrics(cfg.topk) if diverged else val
+            val, diverged = _validate(eval_model, val_loader, device, cfg, autocast_dtype, eval_batch_transform,
+                                      dist, diverged)
         state.epoch += 1
-        memory_metrics = memory.metrics() if dist is None else dist.reduce_memory(memory.metrics())
-        seconds = time.perf_counter() - epoch_start if dist is None else dist.max_float(time.perf_counter() - epoch_start)
-        metrics = _epoch_metrics(state, train, val, memory_metrics, seconds, device,
-                                 matmul_precision(cfg.precision, cfg.tf32))
-        if dist is not None and metrics.get("throughput/mfu") is not None:
-            metrics["throughput/mfu"] /= dist.world_size  # summed throughput over one device's peak each
+        metrics = _reduced_epoch_metrics(state, train, val, memory.metrics(), time.perf_counter() - epoch_start,
+                                         device, cfg, dist)
         if diverged:
             state.should_stop, state.stop_reason = True, "diverged"
         status = "diverged" if diverged else ("finished" if state.epoch >= cfg.epochs else "running")
@@ -467,9 +505,4 @@ def fit(
             cb.on_epoch_end(state, metrics)
         if dist is None or dist.is_main:
             _logger.info("%s", epoch_summary(metrics, cfg.epochs, cfg.topk))
-    if state.should_stop and status == "running":
-        status = state.stop_reason or "stopped"
-    result = {"status": status, "metrics": state.history[-1] if state.history else {}, "history": state.history}
-    for cb in callbacks:
-        cb.on_fit_end(state, result)
-    return result
+    return _end_fit(state, status, callbacks)
